@@ -1,0 +1,1 @@
+"""mmdit_jax: SD3-style rectified-flow transformers (MM-DiT) in JAX/Flax NNX."""
