@@ -1,0 +1,16 @@
+"""Backbones (Flax NNX) behind pure functions: MM-DiT, the DiT family and SD3's comparison baselines."""
+
+from mmdit_jax.model.api import (
+    abstract_params,
+    apply,
+    graphdef,
+    init,
+    init_sharded,
+    logical_specs,
+    param_count,
+    param_shardings,
+)
+from mmdit_jax.model.attention import ATTENTION_IMPLS
+from mmdit_jax.model.convert import ConversionError, from_diffusers, infer_config
+from mmdit_jax.model.dit import DIT_SIZES, DiTConfig, dit_config
+from mmdit_jax.model.mmdit import MMDiTConfig

@@ -1,0 +1,206 @@
+"""Import diffusers `SD3Transformer2DModel` weights (PyTorch layout, safetensors) into MM-DiT parameters.
+
+The config is inferred from tensor shapes (and config.json when one sits beside the weights); every
+tensor must be used exactly once and have the expected shape, or the import fails naming the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from mmdit_jax.model import api, layers
+from mmdit_jax.model.mmdit import MMDiTConfig
+
+# Our block-relative path → diffusers block-relative name (Linear layers; kernels are transposed).
+_STREAM_LINEARS = {
+    ("img", "mod"): "norm1.linear",
+    ("img", "attn", "q"): "attn.to_q",
+    ("img", "attn", "k"): "attn.to_k",
+    ("img", "attn", "v"): "attn.to_v",
+    ("img", "attn", "out"): "attn.to_out.0",
+    ("img", "mlp", "fc1"): "ff.net.0.proj",
+    ("img", "mlp", "fc2"): "ff.net.2",
+    ("img", "attn2", "q"): "attn2.to_q",
+    ("img", "attn2", "k"): "attn2.to_k",
+    ("img", "attn2", "v"): "attn2.to_v",
+    ("img", "attn2", "out"): "attn2.to_out.0",
+    ("txt", 0, "mod"): "norm1_context.linear",
+    ("txt", 0, "attn", "q"): "attn.add_q_proj",
+    ("txt", 0, "attn", "k"): "attn.add_k_proj",
+    ("txt", 0, "attn", "v"): "attn.add_v_proj",
+    ("txt", 0, "attn", "out"): "attn.to_add_out",
+    ("txt", 0, "mlp", "fc1"): "ff_context.net.0.proj",
+    ("txt", 0, "mlp", "fc2"): "ff_context.net.2",
+}
+_STREAM_NORMS = {
+    ("img", "attn", "q_norm"): "attn.norm_q",
+    ("img", "attn", "k_norm"): "attn.norm_k",
+    ("img", "attn2", "q_norm"): "attn2.norm_q",
+    ("img", "attn2", "k_norm"): "attn2.norm_k",
+    ("txt", 0, "attn", "q_norm"): "attn.norm_added_q",
+    ("txt", 0, "attn", "k_norm"): "attn.norm_added_k",
+}
+_TOP_LINEARS = {
+    ("t_embedder", "linear_1"): "time_text_embed.timestep_embedder.linear_1",
+    ("t_embedder", "linear_2"): "time_text_embed.timestep_embedder.linear_2",
+    ("y_embedder", "linear_1"): "time_text_embed.text_embedder.linear_1",
+    ("y_embedder", "linear_2"): "time_text_embed.text_embedder.linear_2",
+    ("context_embedder", 0): "context_embedder",
+    ("norm_out",): "norm_out.linear",
+    ("proj_out",): "proj_out",
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model: names the offending tensors."""
+
+
+def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
+  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    files = sorted(path.glob("*.safetensors"))
+    config_path = path / "config.json"
+  else:
+    files = [path]
+    config_path = path.parent / "config.json"
+  if not files or not all(f.is_file() for f in files):
+    raise FileNotFoundError(f"no .safetensors weights at {path}")
+  tensors = {}
+  for f in files:
+    with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
+      for name in handle.keys():
+        tensors[name] = np.asarray(handle.get_tensor(name), dtype=np.float32)
+  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+  return tensors, config
+
+
+def _need(tensors, name):
+  if name not in tensors:
+    raise ConversionError(f"checkpoint lacks tensor {name!r}")
+  return tensors[name]
+
+
+def infer_config(tensors: dict, config_json: dict | None = None, **overrides) -> MMDiTConfig:
+  """MMDiTConfig from tensor shapes; heads from QK-norm shapes, config.json, or head dim 64."""
+  config_json = config_json or {}
+  proj = _need(tensors, "pos_embed.proj.weight")  # (D, C, P, P)
+  width, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+  layer_ids = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
+  if not layer_ids or layer_ids != list(range(len(layer_ids))):
+    raise ConversionError(f"transformer_blocks indices are not 0..n-1: {layer_ids[:10]}…")
+  depth = len(layer_ids)
+  qk_norm = "transformer_blocks.0.attn.norm_q.weight" in tensors
+  if qk_norm:
+    heads = width // tensors["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+  elif "num_attention_heads" in config_json:
+    heads = int(config_json["num_attention_heads"])
+  else:
+    heads = width // 64  # SD3's rule: head dim 64
+  dual = tuple(i for i in layer_ids if f"transformer_blocks.{i}.attn2.to_q.weight" in tensors)
+  pos = _need(tensors, "pos_embed.pos_embed")  # (1, M·M, D)
+  max_size = math.isqrt(pos.shape[1])
+  if "sample_size" in config_json:
+    sample_size = int(config_json["sample_size"])
+  else:
+    # Token (0, 1) of the grid sits at width position base/max; channel 0 holds sin(position).
+    base = round(float(np.arcsin(np.clip(pos[0, 1, 0], -1, 1))) * max_size)
+    sample_size = base * patch
+  mlp = _need(tensors, "transformer_blocks.0.ff.net.0.proj.weight").shape[0]
+  cfg = dict(
+      depth=depth, hidden_size=width, num_heads=heads, mlp_ratio=mlp / width, patch_size=patch,
+      in_channels=in_ch, out_channels=_need(tensors, "proj_out.weight").shape[0] // (patch * patch),
+      context_dim=_need(tensors, "context_embedder.weight").shape[1],
+      pooled_dim=_need(tensors, "time_text_embed.text_embedder.linear_1.weight").shape[1],
+      pos_embed_max_size=max_size, sample_size=sample_size, qk_norm=qk_norm, dual_attention_layers=dual)
+  cfg.update(overrides)
+  return MMDiTConfig(**cfg)
+
+
+def _block_tensors(tensors, layer, used):
+  """Our block-relative flat params of diffusers layer `layer`."""
+  out = {}
+  prefix = f"transformer_blocks.{layer}."
+  for ours, theirs in _STREAM_LINEARS.items():
+    name = prefix + theirs
+    if name + ".weight" in tensors:
+      out[ours + ("kernel",)] = tensors[name + ".weight"].T
+      out[ours + ("bias",)] = _need(tensors, name + ".bias")
+      used.update({name + ".weight", name + ".bias"})
+  for ours, theirs in _STREAM_NORMS.items():
+    name = prefix + theirs + ".weight"
+    if name in tensors:
+      out[ours + ("scale",)] = tensors[name]
+      used.add(name)
+  return out
+
+
+def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
+  """diffusers tensors → an nnx.State of our parameters for `cfg`."""
+  used: set[str] = set()
+  flat = {}
+  proj = tensors["pos_embed.proj.weight"]  # (D, C, P, P) → (P·P·C, D), patch order (p, q, c)
+  flat[("x_embedder", "kernel")] = proj.transpose(2, 3, 1, 0).reshape(-1, proj.shape[0])
+  flat[("x_embedder", "bias")] = _need(tensors, "pos_embed.proj.bias")
+  used.update({"pos_embed.proj.weight", "pos_embed.proj.bias"})
+  for ours, theirs in _TOP_LINEARS.items():
+    flat[ours + ("kernel",)] = _need(tensors, theirs + ".weight").T
+    flat[ours + ("bias",)] = _need(tensors, theirs + ".bias")
+    used.update({theirs + ".weight", theirs + ".bias"})
+  for s, (first, n, _) in enumerate(cfg.stages()):
+    blocks = [_block_tensors(tensors, i, used) for i in range(first, first + n)]
+    for key in blocks[0]:
+      flat[("stages", s, "layers") + key] = np.stack([b[key] for b in blocks])
+  for key, value in _block_tensors(tensors, cfg.depth - 1, used).items():
+    flat[("final_block",) + key] = value
+
+  # The position table is fixed, not learned: check it instead of loading it.
+  pos = tensors["pos_embed.pos_embed"]
+  m = cfg.pos_embed_max_size
+  expected = layers.sincos_pos_embed(cfg.width, m, m, m, cfg.sample_size // cfg.patch_size)
+  if pos.shape != (1, m * m, cfg.width) or np.max(np.abs(pos[0] - expected)) > 1e-4:
+    raise ConversionError(
+        f"pos_embed.pos_embed does not match the sin-cos table for sample_size={cfg.sample_size}, "
+        f"pos_embed_max_size={m}; pass sample_size= explicitly")
+  used.add("pos_embed.pos_embed")
+
+  unknown = sorted(set(tensors) - used)
+  if unknown:
+    raise ConversionError(f"{len(unknown)} checkpoint tensors have no place in the model: {unknown[:20]}")
+  abstract = nnx.to_flat_state(api.abstract_params(cfg))
+  expected_paths = {path: var.shape for path, var in abstract}
+  missing = sorted(map(str, set(expected_paths) - set(flat)))
+  if missing:
+    raise ConversionError(f"checkpoint lacks parameters for: {missing[:20]}")
+  wrong = [f"{p}: checkpoint {flat[p].shape} vs model {expected_paths[p]}" for p in expected_paths
+           if flat[p].shape != expected_paths[p]]
+  if wrong:
+    raise ConversionError("shape mismatch: " + "; ".join(wrong[:20]))
+  state = api.abstract_params(cfg)
+  pure = {}
+  for path, value in flat.items():
+    node = pure
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = jnp.asarray(value, jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def from_diffusers(path, **overrides):
+  """(config, params) from a diffusers SD3Transformer2DModel checkpoint: a .safetensors file or directory.
+
+  `overrides` set config fields that shapes cannot tell (dtype, attention, remat, …).
+  """
+  tensors, config_json = load_safetensors(path)
+  cfg = infer_config(tensors, config_json, **overrides)
+  return cfg, convert_state_dict(tensors, cfg)

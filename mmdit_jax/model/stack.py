@@ -1,0 +1,66 @@
+"""Layer stacks: n copies of a block with parameters stacked on a leading 'layers' axis, run by a scan.
+
+Scanning compiles one block instead of n; a remat policy trades recomputation for activation memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs, recompute the rest
+}
+
+
+def check_remat(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}")
+
+
+class Stack(nnx.Module):
+  """`n` blocks made by `make_block(rngs)`, stacked; called as a scan over the carry."""
+
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs):
+    self.n = n
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+      return make_block(r)
+
+    self.layers = make(rngs)
+
+  def __call__(self, carry, *args, remat: str = "none", scan: bool = True, active=None, xs=None,
+               collect: bool = False):
+    """Runs the blocks in order: carry = block(carry, *args[, x_i]).
+
+    active: optional bool (n,) — a False layer passes its carry through (skip-layer guidance).
+    xs: optional per-layer inputs stacked on axis 0; collect: also return every layer's output.
+    """
+    graphdef, state = nnx.split(self.layers)
+    check_remat(remat)
+
+    def body(carry, scanned):
+      layer_state, act, x = scanned
+      block = nnx.merge(graphdef, layer_state)
+      new = block(carry, *args) if x is None else block(carry, *args, x)
+      if act is not None:
+        new = jax.tree.map(lambda n, o: jnp.where(act, n, o), new, carry)
+      return new, (new if collect else None)
+
+    if remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+      return jax.lax.scan(body, carry, (state, active, xs))
+    outs = []
+    for i in range(self.n):
+      sl = jax.tree.map(lambda a: a[i], (state, active, xs))
+      carry, y = body(carry, sl)
+      outs.append(y)
+    return carry, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if collect else None)
