@@ -13,4 +13,5 @@ from mmdit_jax.model.api import (
 from mmdit_jax.model.attention import ATTENTION_IMPLS
 from mmdit_jax.model.convert import ConversionError, from_diffusers, infer_config
 from mmdit_jax.model.dit import DIT_SIZES, DiTConfig, dit_config
+from mmdit_jax.model.flops import forward_flops, train_flops
 from mmdit_jax.model.mmdit import MMDiTConfig

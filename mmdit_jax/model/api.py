@@ -46,8 +46,9 @@ def abstract_params(config):
   return _abstract(config)[1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init(config, key):
-  """Unsharded parameters (an nnx.State of arrays)."""
+  """Parameters (an nnx.State of arrays), initialised in one compiled call."""
   return nnx.split(_construct(config, key), nnx.Param)[1]
 
 
@@ -67,7 +68,7 @@ def param_shardings(config, mesh, rules):
 def init_sharded(config, key, mesh, rules):
   """Parameters initialised directly into their shardings: never materialised whole on one device."""
   shardings = param_shardings(config, mesh, rules)
-  return jax.jit(lambda k: init(config, k), out_shardings=shardings)(key)
+  return jax.jit(lambda k: nnx.split(_construct(config, k), nnx.Param)[1], out_shardings=shardings)(key)
 
 
 def apply(config, params, *args, **kwargs):

@@ -101,7 +101,7 @@ class Block(nnx.Module):
     self.skip = dense(2 * d, d, ("mlp", "embed"), rngs, dtype=dt) if skip else None
     if self.adaptive:
       chunks = 4 if cfg.block == "adaln" else 6
-      self.mod = dense(d, chunks * d, ("embed", "mlp"), rngs, dtype=dt, zero=cfg.block != "adaln")
+      self.mod = dense(d, chunks * d, ("embed", "cond"), rngs, dtype=dt, zero=cfg.block != "adaln")
     else:
       self.norm1, self.norm2 = layers.LayerNorm(d, rngs), layers.LayerNorm(d, rngs)
     self.attn = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm)
@@ -155,7 +155,7 @@ class DiT(nnx.Module):
       self.out_blocks = Stack(lambda r: block(r, skip=True), half, rngs)
     else:
       self.blocks = Stack(block, cfg.depth, rngs)
-    self.norm_out = dense(d, 2 * d, ("embed", "mlp"), rngs, dtype=dt, zero=True)
+    self.norm_out = dense(d, 2 * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
     self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "cond"), rngs, dtype=dt, zero=True)
 
   def __call__(self, latents, t, labels=None, context=None, pooled=None):

@@ -102,7 +102,7 @@ class MLPEmbedder(nnx.Module):
 
   def __init__(self, in_dim, dim, rngs, dtype, init=None):
     self.linear_1 = dense(in_dim, dim, ("cond", "embed"), rngs, dtype=dtype, init=init)
-    self.linear_2 = dense(dim, dim, ("embed", "embed"), rngs, dtype=dtype, init=init)
+    self.linear_2 = dense(dim, dim, ("mlp", "embed"), rngs, dtype=dtype, init=init)
 
   def __call__(self, x):
     return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -134,7 +134,7 @@ class Stream(nnx.Module):
     d, dt = cfg.width, get_dtype(cfg.dtype)
     self.pre_only, self.dual = pre_only, dual
     chunks = 2 if pre_only else (9 if dual else 6)
-    self.mod = dense(d, chunks * d, ("embed", "mlp"), rngs, dtype=dt, zero=True)
+    self.mod = dense(d, chunks * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
     self.attn = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm, out=not pre_only)
     self.mlp = None if pre_only else layers.MLP(d, cfg.mlp_width, rngs, dt)
     self.attn2 = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm) if dual else None
@@ -210,7 +210,7 @@ class MMDiT(nnx.Module):
         Stack(lambda r, dual=dual: JointBlock(cfg, r, dual=dual), n, rngs) for _, n, dual in cfg.stages()])
     self.final_block = JointBlock(cfg, rngs, dual=(cfg.depth - 1) in cfg.dual_attention_layers,
                                   pre_only=True)
-    self.norm_out = dense(d, 2 * d, ("embed", "mlp"), rngs, dtype=dt, zero=True)
+    self.norm_out = dense(d, 2 * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
     self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "cond"), rngs, dtype=dt, zero=True)
 
   def conditioning(self, t, pooled):

@@ -1,0 +1,11 @@
+"""Meshes, logical-axis rules and host-local ↔ global arrays."""
+
+from mmdit_jax.parallel.mesh import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    batch_sharding,
+    data_parallel_size,
+    fill_sizes,
+    make_mesh,
+    replicated,
+)

@@ -1,0 +1,176 @@
+"""Model properties: identity at init, sharded == unsharded, scanned == unrolled, counts and FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmdit_jax import model, parallel
+
+TINY = dict(depth=3, hidden_size=32, num_heads=4, context_dim=24, pooled_dim=12, in_channels=4,
+            pos_embed_max_size=16, sample_size=16)
+
+
+def _inputs(b=4, h=8, w=6, t_tokens=5):
+  k = jax.random.split(jax.random.key(7), 3)
+  return (jax.random.normal(k[0], (b, h, w, 4)), jnp.linspace(0.1, 0.9, b),
+          jax.random.normal(k[1], (b, t_tokens, 24)), jax.random.normal(k[2], (b, 12)))
+
+
+@jax.jit
+def _randomize(params, seed=0, scale=0.2):
+  """Non-zero everywhere, so that the adaLN-Zero model is not trivially the identity."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_adaln_zero_blocks_are_identity_at_init():
+  cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True)
+  params = model.init(cfg, jax.random.key(0))
+  latents, t, ctx, pooled = _inputs()
+  img = jax.random.normal(jax.random.key(1), (4, 12, 32))
+  txt = jax.random.normal(jax.random.key(2), (4, 5, 32))
+  vec = jax.random.normal(jax.random.key(3), (4, 32))
+
+  @jax.jit
+  def blocks(params):
+    m = nnx.merge(model.graphdef(cfg), params)
+    return m.final_block((img, [txt]), vec)[0], m.stages[0]((img, [txt]), vec)[0]
+
+  final_img, (stage_img, stage_txt) = blocks(params)
+  np.testing.assert_array_equal(final_img, img)
+  np.testing.assert_array_equal(stage_img, img)
+  np.testing.assert_array_equal(stage_txt[0], txt)
+  # The final layer is zero-initialised too, so the untrained model predicts exactly zero.
+  out = jax.jit(lambda p: model.apply(cfg, p, latents, t, ctx, pooled))(params)
+  np.testing.assert_array_equal(out, 0.0)
+
+
+def test_randomized_blocks_are_not_identity():
+  cfg = model.MMDiTConfig(**TINY)
+  params = _randomize(model.init(cfg, jax.random.key(0)))
+  out = jax.jit(lambda p: model.apply(cfg, p, *_inputs()))(params)
+  assert float(jnp.std(out)) > 1e-2
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_equals_unrolled(remat):
+  cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True, remat=remat)
+  params = _randomize(model.init(cfg, jax.random.key(0)))
+  inputs = _inputs()
+  scanned = jax.jit(lambda p: model.apply(cfg, p, *inputs))(params)
+  unrolled_cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True, scan_layers=False)
+  unrolled = jax.jit(lambda p: model.apply(unrolled_cfg, p, *inputs))(params)
+  np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
+  # Gradients agree too (remat only changes what is stored).
+  loss = lambda c: lambda p: jnp.mean(model.apply(c, p, *inputs) ** 2)
+  g1 = jax.jit(jax.grad(loss(cfg)))(params)
+  g2 = jax.jit(jax.grad(loss(unrolled_cfg)))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mmdit", "dit"])
+def test_sharded_forward_equals_unsharded(kind):
+  if kind == "mmdit":
+    cfg = model.MMDiTConfig(**TINY, qk_norm=True, dual_attention_layers=(1,))
+    inputs = _inputs(b=8)
+    kwargs = {}
+  else:
+    cfg = model.DiTConfig(depth=2, hidden_size=32, num_heads=4, num_classes=10)
+    inputs = _inputs(b=8)[:2]
+    kwargs = dict(labels=jnp.arange(8) % 11)
+  params = _randomize(model.init(cfg, jax.random.key(0)))
+  expected = jax.jit(lambda p: model.apply(cfg, p, *inputs, **kwargs))(params)
+
+  mesh = parallel.make_mesh((2, 2, 1, 2))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
+    shardings = model.param_shardings(cfg, mesh, parallel.DEFAULT_RULES)
+    sharded = jax.device_put(params, shardings)
+    # Parameters really are split: an (embed, mlp) kernel over fsdp × tensor.
+    kernel = sharded["stages"][0]["layers"]["img"]["mlp"]["fc1"]["kernel"] if kind == "mmdit" else \
+        sharded["blocks"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    batch = [jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)) for x in inputs]
+    kw = {k: jax.device_put(v, parallel.batch_sharding(mesh, 1)) for k, v in kwargs.items()}
+    out = jax.jit(lambda p, *a, **k: model.apply(cfg, p, *a, **k))(sharded, *batch, **kw)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_init_sharded_matches_unsharded_init():
+  cfg = model.MMDiTConfig(**TINY)
+  mesh = parallel.make_mesh((2, 2, 1, 2))
+  with jax.set_mesh(mesh):
+    sharded = model.init_sharded(cfg, jax.random.key(3), mesh, parallel.DEFAULT_RULES)
+  plain = model.init(cfg, jax.random.key(3))
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_three_stream_variant():
+  cfg = model.MMDiTConfig(**TINY, text_streams=(3, 2))
+  params = _randomize(model.init(cfg, jax.random.key(0)))
+  assert len(params["context_embedder"]) == 2 and len(params["final_block"]["txt"]) == 2
+  out = jax.jit(lambda p: model.apply(cfg, p, *_inputs(t_tokens=5)))(params)
+  assert out.shape == (4, 8, 6, 4) and bool(jnp.all(jnp.isfinite(out)))
+  with pytest.raises(ValueError, match="text_streams"):
+    model.apply(cfg, params, *_inputs(t_tokens=4))
+
+
+def test_parameter_counts_from_abstract_shapes():
+  assert model.param_count(model.MMDiTConfig(depth=24)) / 1e9 == pytest.approx(2.0, abs=0.05)
+  assert model.param_count(model.MMDiTConfig(depth=38)) / 1e9 == pytest.approx(8.1, abs=0.1)
+  # DiT-XL/2 with learned σ (8 output channels), DiT Table 4: 675M.
+  assert model.param_count(model.dit_config("XL/2", out_channels=8)) / 1e6 == pytest.approx(675, abs=1)
+
+
+def test_flops():
+  # DiT-XL/2 at 256² (32×32 latents): 118.6 G multiply-adds (DiT Table 4).
+  dit = model.dit_config("XL/2", out_channels=8)
+  assert model.forward_flops(dit, 32, 32) / 2e9 == pytest.approx(118.6, rel=0.005)
+  # MM-DiT matches MISSION's per-image training rule 3·d·(24h²T + 4hT²) up to the embedders.
+  d = 24
+  cfg = model.MMDiTConfig(depth=d)
+  h, tokens = 64 * d, 32 * 32 // 4 + 154
+  rule = 3 * d * (24 * h * h * tokens + 4 * h * tokens ** 2)
+  assert model.train_flops(cfg, 32, 32, 154) == pytest.approx(rule, rel=0.06)
+  # Quadratic attention term: doubling the side more than quadruples the cost.
+  assert model.forward_flops(cfg, 128, 128, 154) > 4 * model.forward_flops(cfg, 64, 64, 154)
+
+
+@pytest.mark.parametrize("name", ["S/2", "B/4", "L/8", "XL/2"])
+def test_dit_sizes(name):
+  cfg = model.dit_config(name)
+  assert (cfg.depth, cfg.width, cfg.heads) == model.DIT_SIZES[name.split("/")[0]]
+  assert cfg.patch_size == int(name.split("/")[1])
+
+
+def test_dit_variants_run_and_start_at_zero():
+  x, t = _inputs()[:2]
+  for block in ["adaln_zero", "adaln", "cross_attn", "in_context"]:
+    for cond in ["class", "text"]:
+      cfg = model.DiTConfig(depth=3, hidden_size=32, num_heads=4, block=block, conditioning=cond,
+                            num_classes=10, context_dim=24, pooled_dim=12, long_skip=block == "in_context")
+      kw = dict(labels=jnp.array([0, 3, 10, 1])) if cond == "class" else dict(
+          context=_inputs()[2], pooled=_inputs()[3])
+      params = model.init(cfg, jax.random.key(0))
+      run = jax.jit(lambda p: model.apply(cfg, p, x, t, **kw))
+      np.testing.assert_array_equal(run(params), 0.0)
+      out = run(_randomize(params))
+      assert out.shape == x.shape and float(jnp.std(out)) > 1e-3, (block, cond)
+
+
+def test_bad_configs_raise():
+  with pytest.raises(ValueError, match="valid: .*'cudnn'.*'xla'"):
+    model.MMDiTConfig(depth=2, attention="flash")
+  with pytest.raises(ValueError, match="remat"):
+    model.MMDiTConfig(depth=2, remat="some")
+  with pytest.raises(ValueError, match="dual_attention_layers"):
+    model.MMDiTConfig(depth=2, dual_attention_layers=(5,))
+  with pytest.raises(ValueError, match="valid: sizes"):
+    model.dit_config("XXL/2")
+  with pytest.raises(ValueError, match="divisible by patch_size"):
+    cfg = model.MMDiTConfig(**TINY)
+    model.apply(cfg, model.init(cfg, jax.random.key(0)), *_inputs(h=7))
