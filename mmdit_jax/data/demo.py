@@ -1,0 +1,207 @@
+"""The embedded demo dataset: compositional two-object scenes with captions, made from a seed.
+
+"a red circle at the top left and a blue square at the bottom right" → a 32×32 RGB image in [−1, 1],
+used directly as the latent (3 channels, scale 1, shift 0). A tiny frozen text encoder — two
+"encoders" (clip-like and t5-like token tables with position codes) — gives context (32 tokens × 32)
+and pooled (32) embeddings, so the whole SD3 text path, per-encoder dropout included, is exercised.
+`check(image, caption)` tells which attributes an image gets right: the GenEval-style score.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import re
+
+import numpy as np
+
+from mmdit_jax.data import records
+from mmdit_jax.data.writer import DatasetWriter
+
+SIZE = 32
+COLOURS = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "yellow": (1, 1, -1)}
+SHAPES = ("square", "circle", "triangle")
+POSITIONS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+MAX_TOKENS = 16
+EMBED = 32
+POOLED_PER_ENCODER = 16
+VOCAB = ("<pad>", "a", "and", "at", "the", "top", "bottom", "left", "right", *COLOURS, *SHAPES)
+ENCODER_SEED = 1234  # the demo encoder is frozen: fixed tables, independent of the dataset seed
+TEXT_ENCODERS = [
+    {"name": "clip", "context_tokens": [0, MAX_TOKENS], "context_channels": [0, EMBED],
+     "pooled": [0, POOLED_PER_ENCODER]},
+    {"name": "t5", "context_tokens": [MAX_TOKENS, 2 * MAX_TOKENS], "context_channels": [0, EMBED],
+     "pooled": [POOLED_PER_ENCODER, 2 * POOLED_PER_ENCODER]},
+]
+_CAPTION = re.compile(r"a (\w+) (\w+) at the (\w+ \w+)")
+
+
+def all_objects():
+  return list(itertools.product(COLOURS, SHAPES, POSITIONS))
+
+
+def caption(objects) -> str:
+  return " and ".join(f"a {c} {s} at the {p}" for c, s, p in objects)
+
+
+def parse_caption(text: str):
+  objects = _CAPTION.findall(text)
+  if not objects or any(c not in COLOURS or s not in SHAPES or p not in POSITIONS for c, s, p in objects):
+    raise ValueError(f"not a demo caption: {text!r} (expected e.g. 'a red circle at the top left and …')")
+  return objects
+
+
+def _shape_mask(shape, size, dy, dx):
+  """Boolean (16, 16) mask of a shape centred in a quadrant, offset by (dy, dx)."""
+  q = SIZE // 2
+  y, x = np.mgrid[0:q, 0:q] + 0.5
+  cy, cx, r = q / 2 + dy, q / 2 + dx, size / 2
+  if shape == "square":
+    return (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
+  if shape == "circle":
+    return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+  # Triangle pointing up: the half-width grows linearly from apex to base.
+  rel = (y - (cy - r)) / (2 * r)
+  return (rel >= 0) & (rel <= 1) & (np.abs(x - cx) <= rel * r)
+
+
+def render(objects, rng=None) -> np.ndarray:
+  """(32, 32, 3) float32 image in [−1, 1]; `rng` jitters each object by up to one pixel."""
+  img = -np.ones((SIZE, SIZE, 3), np.float32)
+  q = SIZE // 2
+  for colour, shape, pos in objects:
+    dy, dx = (rng.integers(-1, 2, 2) if rng is not None else (0, 0))
+    mask = _shape_mask(shape, 11, dy, dx)
+    r0, c0 = POSITIONS[pos]
+    img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q][mask] = COLOURS[colour]
+  return img
+
+
+def random_scene(rng):
+  positions = rng.choice(list(POSITIONS), size=2, replace=False)
+  colours = list(COLOURS)
+  return [(colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], str(p)) for p in positions]
+
+
+class DemoTextEncoder:
+  """A frozen toy text encoder pair: token tables + sinusoidal positions; pooled = projected mean."""
+
+  def __init__(self, seed: int = ENCODER_SEED):
+    rng = np.random.default_rng(seed)
+    self.tables = [rng.standard_normal((len(VOCAB), EMBED)) / np.sqrt(EMBED) for _ in TEXT_ENCODERS]
+    self.tables = [np.concatenate([np.zeros((1, EMBED)), t[1:]]) for t in self.tables]  # <pad> = 0
+    self.proj = [rng.standard_normal((EMBED, POOLED_PER_ENCODER)) / np.sqrt(EMBED) for _ in TEXT_ENCODERS]
+    pos = np.arange(MAX_TOKENS)[:, None] / 10000 ** (np.arange(0, EMBED, 2) / EMBED)[None]
+    self.positions = np.concatenate([np.sin(pos), np.cos(pos)], axis=1) * 0.5  # (MAX_TOKENS, EMBED)
+
+  def tokenize(self, text: str) -> np.ndarray:
+    words = text.split()
+    unknown = [w for w in words if w not in VOCAB]
+    if unknown:
+      raise ValueError(f"demo encoder: unknown words {unknown}; vocabulary: {list(VOCAB[1:])}")
+    if len(words) > MAX_TOKENS:
+      raise ValueError(f"demo encoder: {len(words)} words exceed {MAX_TOKENS} tokens")
+    ids = np.zeros(MAX_TOKENS, np.int64)
+    ids[:len(words)] = [VOCAB.index(w) for w in words]
+    return ids
+
+  def __call__(self, text: str):
+    """(context (32, 32), pooled (32,)) float16 for one caption; '' gives the null embedding."""
+    ids = self.tokenize(text)
+    valid = (ids > 0)[:, None]
+    contexts, pooled = [], []
+    for table, proj in zip(self.tables, self.proj):
+      tokens = (table[ids] + self.positions) * valid  # (MAX_TOKENS, EMBED)
+      contexts.append(tokens)
+      pooled.append((tokens.sum(0) / max(1, valid.sum())) @ proj)
+    return (np.concatenate(contexts).astype(np.float16), np.concatenate(pooled).astype(np.float16))
+
+
+FEATURES = (
+    records.Feature("latent", (SIZE, SIZE, 3), "float16"),
+    records.Feature("context", (2 * MAX_TOKENS, EMBED), "float16"),
+    records.Feature("pooled", (2 * POOLED_PER_ENCODER,), "float16"),
+)
+
+
+def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024):
+  """Writes `num_examples` scenes from `seed`; the same seed gives byte-identical files."""
+  rng = np.random.default_rng(seed)
+  encoder = DemoTextEncoder()
+  null_context, null_pooled = encoder("")
+  extras = {"name": "demo_shapes", "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
+            "text_encoders": TEXT_ENCODERS}
+  with DatasetWriter(path, FEATURES, extras, examples_per_shard=examples_per_shard,
+                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True) as w:
+    for _ in range(num_examples):
+      objects = random_scene(rng)
+      context, pooled = encoder(caption(objects))
+      w.write({"latent": render(objects, rng).astype(np.float16), "context": context, "pooled": pooled})
+  return records.load_metadata(path)
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MMDIT_JAX_CACHE", pathlib.Path.home() / ".cache" / "mmdit_jax"))
+
+
+def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None) -> str:
+  """Path of the demo dataset split ('train' or 'validation'), writing it on first use."""
+  sizes = {"train": 8192, "validation": 512}
+  if split not in sizes:
+    raise ValueError(f"unknown demo split {split!r}; valid: {sorted(sizes)}")
+  n = num_examples or sizes[split]
+  split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
+  path = pathlib.Path(root or default_cache_dir()) / f"demo_shapes-{split}-n{n}-seed{seed}"
+  if not (path / records.METADATA).is_file():
+    write_demo(path, n, split_seed)
+  return str(path)
+
+
+# The checker.
+_PALETTE = np.array(list(COLOURS.values()), np.float32)
+_FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
+
+
+def _quadrant(img, pos):
+  q = SIZE // 2
+  r0, c0 = POSITIONS[pos]
+  return img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q]
+
+
+def check(image: np.ndarray, text: str) -> dict:
+  """Per-attribute accuracy of one image for its caption: position, colour, shape and all three.
+
+  position: the named quadrant holds one object-sized blob and unnamed quadrants are empty;
+  colour: the blob's mean colour is nearest to the named one; shape: its bounding-box fill ratio is
+  nearest to the named shape's (square 1, circle π/4, triangle 1/2).
+  """
+  image = np.asarray(image, np.float32)
+  objects = parse_caption(text)
+  named = {p for _, _, p in objects}
+  empty_ok = all((_quadrant(image, p).max(-1) > 0).mean() < 0.08 for p in POSITIONS if p not in named)
+  scores = {"position": [], "colour": [], "shape": [], "all": []}
+  for colour, shape, pos in objects:
+    quad = _quadrant(image, pos)
+    mask = quad.max(-1) > 0
+    frac = mask.mean()
+    present = 0.1 <= frac <= 0.6
+    pos_ok = bool(present and empty_ok)
+    colour_ok = shape_ok = False
+    if present:
+      mean = quad[mask].mean(0)
+      colour_ok = list(COLOURS)[int(np.argmin(((_PALETTE - mean) ** 2).sum(1)))] == colour
+      rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+      fill = mask.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+      shape_ok = min(_FILL, key=lambda s: abs(_FILL[s] - fill)) == shape
+    for k, v in (("position", pos_ok), ("colour", colour_ok), ("shape", shape_ok),
+                 ("all", pos_ok and colour_ok and shape_ok)):
+      scores[k].append(float(v))
+  return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def compositional_accuracy(images, captions) -> dict:
+  """Mean of `check` over a set of images and their captions."""
+  results = [check(img, cap) for img, cap in zip(images, captions)]
+  return {k: float(np.mean([r[k] for r in results])) for k in results[0]}

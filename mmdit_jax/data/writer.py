@@ -1,0 +1,128 @@
+"""Writes datasets atomically: shards and metadata go to a temporary directory that is renamed into
+place only after everything is on disk, so a crash never leaves a dataset that looks complete.
+
+CLI: python -m mmdit_jax.data.writer --out DIR --npz arrays.npz [--examples_per_shard N]
+(each array in the .npz is one feature, indexed by example along axis 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Iterable
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from mmdit_jax.data import records
+
+SHAPES = "shapes.npy"  # per-example shapes of the bucketing feature, when its shape varies
+
+
+class DatasetWriter:
+  """with DatasetWriter(path, features, extras) as w: w.write({...}); the dataset appears on exit."""
+
+  def __init__(self, path, features, extras: dict | None = None, *, examples_per_shard: int = 4096,
+               null_embeddings: dict | None = None, bucket_feature: str = "latent", overwrite: bool = False):
+    self.path = pathlib.Path(path)
+    if self.path.exists() and not overwrite:
+      raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+    self.features = tuple(f if isinstance(f, records.Feature) else records.Feature(
+        f["name"], tuple(f["shape"]), f["dtype"]) for f in features)
+    self.extras = dict(extras or {})
+    self.null_embeddings = null_embeddings
+    self.examples_per_shard = examples_per_shard
+    self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+    shutil.rmtree(self.tmp, ignore_errors=True)
+    self.tmp.mkdir(parents=True)
+    self.shards: list[tuple[str, int]] = []
+    self.writer, self.count = None, 0
+    bucket = [f for f in self.features if f.name == bucket_feature and None in f.shape]
+    self.bucket_feature = bucket[0].name if bucket else None
+    self.shapes: list[tuple[int, ...]] = []
+
+  def _roll(self):
+    if self.writer is not None:
+      self.writer.close()
+    name = f"shard-{len(self.shards):05d}.array_record"
+    self.writer = ArrayRecordWriter(str(self.tmp / name), "group_size:1")
+    self.shards.append((name, 0))
+
+  def write(self, example: dict):
+    if self.writer is None or self.shards[-1][1] >= self.examples_per_shard:
+      self._roll()
+    self.writer.write(records.encode(example, self.features, f"example {self.count}"))
+    name, n = self.shards[-1]
+    self.shards[-1] = (name, n + 1)
+    if self.bucket_feature:
+      self.shapes.append(tuple(np.shape(example[self.bucket_feature])))
+    self.count += 1
+
+  def write_all(self, examples: Iterable[dict]):
+    for ex in examples:
+      self.write(ex)
+    return self
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+    if self.count == 0:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      raise records.DataError(f"no examples were written to {self.path}")
+    if self.null_embeddings is not None:
+      np.savez(self.tmp / records.NULL_EMBEDDINGS, **self.null_embeddings)
+    if self.bucket_feature:
+      np.save(self.tmp / SHAPES, np.asarray(self.shapes, np.int32))
+    meta = records.Metadata(self.features, tuple(self.shards), self.extras)
+    with open(self.tmp / records.METADATA, "w") as f:  # written last: its presence marks completeness
+      json.dump(meta.to_json(), f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    if self.path.exists():
+      shutil.rmtree(self.path)
+    os.replace(self.tmp, self.path)
+    return meta
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:  # leave nothing that could be mistaken for a dataset
+      if self.writer is not None:
+        self.writer.close()
+      shutil.rmtree(self.tmp, ignore_errors=True)
+    return False
+
+
+def write_arrays(path, arrays: dict[str, np.ndarray], extras: dict | None = None, **kwargs):
+  """Writes a dataset from per-feature arrays indexed by example along axis 0."""
+  n = {len(a) for a in arrays.values()}
+  if len(n) != 1:
+    raise records.DataError(f"feature arrays differ in length: { {k: len(a) for k, a in arrays.items()} }")
+  features = [records.Feature(k, tuple(a.shape[1:]), str(a.dtype)) for k, a in arrays.items()]
+  with DatasetWriter(path, features, extras, **kwargs) as w:
+    for i in range(n.pop()):
+      w.write({k: a[i] for k, a in arrays.items()})
+  return records.load_metadata(path)
+
+
+def main(argv=None):
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--npz", required=True, help=".npz with one array per feature (examples on axis 0)")
+  parser.add_argument("--examples_per_shard", type=int, default=4096)
+  parser.add_argument("--extras", default="{}", help="JSON merged into metadata.json")
+  args = parser.parse_args(argv)
+  with np.load(args.npz) as data:
+    arrays = {k: data[k] for k in data.files}
+  meta = write_arrays(args.out, arrays, json.loads(args.extras), examples_per_shard=args.examples_per_shard)
+  print(f"wrote {meta.num_examples} examples in {len(meta.shards)} shards to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,26 @@
+"""Host-local numpy batches ↔ global jax.Arrays sharded over the mesh's batch axes."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mmdit_jax.parallel.mesh import batch_sharding
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Assembles each process's rows into global arrays (leading axis split over data × fsdp)."""
+  out = {}
+  for name, local in batch.items():
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, global_shape)
+  return out
+
+
+def to_host(x) -> np.ndarray:
+  """A global array gathered to every host as numpy (for metrics, images and tests)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
