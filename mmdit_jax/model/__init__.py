@@ -5,6 +5,7 @@ from mmdit_jax.model.api import (
     apply,
     graphdef,
     init,
+    init_unjitted,
     init_sharded,
     logical_specs,
     param_count,

@@ -46,10 +46,13 @@ def abstract_params(config):
   return _abstract(config)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def init(config, key):
-  """Parameters (an nnx.State of arrays), initialised in one compiled call."""
+def init_unjitted(config, key):
+  """Parameters as a traceable function (for use inside a larger jitted init)."""
   return nnx.split(_construct(config, key), nnx.Param)[1]
+
+
+init = jax.jit(init_unjitted, static_argnums=0)
+init.__doc__ = "Parameters (an nnx.State of arrays), initialised in one compiled call."
 
 
 def logical_specs(config):
@@ -68,7 +71,7 @@ def param_shardings(config, mesh, rules):
 def init_sharded(config, key, mesh, rules):
   """Parameters initialised directly into their shardings: never materialised whole on one device."""
   shardings = param_shardings(config, mesh, rules)
-  return jax.jit(lambda k: nnx.split(_construct(config, k), nnx.Param)[1], out_shardings=shardings)(key)
+  return jax.jit(lambda k: init_unjitted(config, k), out_shardings=shardings)(key)
 
 
 def apply(config, params, *args, **kwargs):

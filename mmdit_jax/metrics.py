@@ -1,0 +1,99 @@
+"""What a user watching a long job sees: TensorBoard scalars, a JSONL log, and a progress line with
+rate, ETA, model TFLOP/s per device and MFU (analytic FLOPs; peak by device kind, never guessed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device by jax device_kind prefix.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "TPU7x": 2307e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str):
+  """Peak FLOP/s of one device, or None when the kind is not in the table."""
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if device_kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+class MetricWriter:
+  """TensorBoard event files and metrics.jsonl in the workdir (written by process 0 only)."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    self.path = pathlib.Path(workdir)
+    self.tb = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(self.path / "tensorboard"))
+      self.jsonl = open(self.path / "metrics.jsonl", "a")
+
+  def write(self, step: int, scalars: dict):
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items() if v is not None and np.isfinite(float(v))}
+    for k, v in clean.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self.jsonl.flush()
+    self.tb.flush()
+
+  def close(self):
+    if self.active:
+      self.tb.close()
+      self.jsonl.close()
+
+
+class Progress:
+  """Rate, ETA and throughput between log points."""
+
+  def __init__(self, total_steps: int, start_step: int, flops_per_step: float, batch_size: int):
+    self.total, self.flops_per_step, self.batch = total_steps, flops_per_step, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.devices = jax.device_count()
+    self.peak = peak_flops(jax.devices()[0].device_kind)
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = max(1, step - self.last_step)
+    dt = (now - self.last_time) / steps
+    self.last_step, self.last_time = step, now
+    tflops = self.flops_per_step / dt / self.devices / 1e12
+    return {"perf/step_time_s": dt, "perf/examples_per_s": self.batch / dt,
+            "perf/model_tflops_per_device": tflops,
+            "perf/mfu": (tflops * 1e12 / self.peak) if self.peak else None,
+            "perf/eta_s": (self.total - step) * dt}
+
+  def line(self, step: int, loss: float, perf: dict) -> str:
+    eta = perf["perf/eta_s"]
+    mfu = f"{perf['perf/mfu']:.1%}" if perf["perf/mfu"] is not None else "unknown"
+    return (f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f} | "
+            f"{1 / perf['perf/step_time_s']:.2f} steps/s, {perf['perf/examples_per_s']:.1f} ex/s | "
+            f"{perf['perf/model_tflops_per_device']:.3f} TFLOP/s/device, MFU {mfu} | "
+            f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+
+
+def log(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+    logging.info(msg)
