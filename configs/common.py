@@ -27,7 +27,8 @@ def base_config():
   c.model.dit_variant = ""  # for dit: e.g. "XL/2" (sizes of the DiT paper), overridden by kwargs
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # precomputed dataset directory; "" → the embedded demo dataset
+  c.data.path = ""  # precomputed dataset directory, or "tfds:NAME[:SPLIT]"; "" → the embedded demo dataset
+  c.data.tfds_data_dir = ""  # TFDS data_dir for a "tfds:" path (prepared with file_format=array_record)
   c.data.val_path = ""  # held-out split for validation loss; "" → the demo validation split
   c.data.demo_examples = 8192
   c.data.global_batch_size = 256

@@ -40,6 +40,7 @@ class DataConfig:
   label_dropout: float
   num_threads: int
   prefetch: int
+  tfds_data_dir: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ def resolve_datasets(cfg: config_lib.TrainConfig):
   if cfg.data.path:
     val = cfg.data.val_path or cfg.data.path
     for p in {cfg.data.path, val}:
-      data.load_metadata(p)  # fails now, naming the path, if it is missing or incomplete
+      if not p.startswith("tfds:"):
+        data.load_metadata(p)  # fails now, naming the path, if it is missing or incomplete
     return cfg.data.path, val
   log("config.data.path is empty: using the embedded demo dataset (written on first use)")
   train = demo.ensure_demo("train", cfg.data.demo_examples)
@@ -89,18 +90,15 @@ def train_and_evaluate(config_dict, workdir) -> dict:
 
   # ── Data ──
   train_path, val_path = resolve_datasets(cfg)
-  dataset = data.Dataset(data.PipelineConfig(
-      train_path, cfg.data.global_batch_size, seed=cfg.seed, text_dropout=None,
-      label_dropout=cfg.data.label_dropout, num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch))
+  pipeline = lambda path, **kw: data.PipelineConfig(
+      path, cfg.data.global_batch_size, num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
+      tfds_data_dir=cfg.data.tfds_data_dir, **kw)
+  dataset = data.Dataset(pipeline(train_path, seed=cfg.seed, label_dropout=cfg.data.label_dropout))
   if cfg.data.text_dropout >= 0:
-    dataset = data.Dataset(data.PipelineConfig(
-        train_path, cfg.data.global_batch_size, seed=cfg.seed, text_dropout=_dropout(cfg, dataset.meta),
-        label_dropout=cfg.data.label_dropout, num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch))
+    dataset = data.Dataset(pipeline(train_path, seed=cfg.seed, label_dropout=cfg.data.label_dropout,
+                                    text_dropout=_dropout(cfg, dataset.meta)))
   check_data_fits_model(dataset.meta, cfg.model, train_path)
-  val_meta = data.load_metadata(val_path)
-  val_set = data.Dataset(data.PipelineConfig(
-      val_path, cfg.data.global_batch_size, shuffle=False, num_threads=2,
-      text_dropout=tuple((e["name"], 0.0) for e in val_meta.extras.get("text_encoders", []))))
+  val_set = data.Dataset(pipeline(val_path, shuffle=False, text_dropout=()))  # () → no dropout
 
   # ── Mesh, optimizer and state (parameters are never materialised unsharded) ──
   mesh = parallel.make_mesh(cfg.mesh_ici, cfg.mesh_dcn)

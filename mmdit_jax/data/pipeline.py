@@ -19,6 +19,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from mmdit_jax.data import records
+from mmdit_jax.data.tfds_source import TfdsSource
 from mmdit_jax.data.writer import SHAPES
 
 SD3_TEXT_DROPOUT = 0.463  # per encoder, independently (SD3 §5.2.2): ≈ 10 % fully unconditional
@@ -34,6 +35,8 @@ class PipelineConfig:
   label_dropout: float = 0.0  # class-conditional: rate of replacing the label by the null class
   num_threads: int = 4  # grain reader threads
   prefetch: int = 8  # batches decoded ahead in the background
+  tfds_data_dir: str = ""  # for path "tfds:NAME[:SPLIT]": the TFDS data_dir
+  tfds_rename: tuple[tuple[str, str], ...] = ()  # TFDS feature → pipeline feature name
 
 
 def _check_shard(file: str, count: int):
@@ -54,15 +57,20 @@ class Dataset:
   def __init__(self, cfg: PipelineConfig):
     self.cfg = cfg
     self.path = pathlib.Path(cfg.path)
-    self.meta = records.load_metadata(self.path)
+    if cfg.path.startswith("tfds:"):
+      self.tfds = TfdsSource(cfg.path, cfg.tfds_data_dir, dict(cfg.tfds_rename))
+      self.meta = self.tfds.meta
+    else:
+      self.tfds = None
+      self.meta = records.load_metadata(self.path)
+      files = [str(self.path / name) for name, _ in self.meta.shards]
+      for (name, count), file in zip(self.meta.shards, files):
+        _check_shard(file, count)
+      self._offsets = np.cumsum([0] + [n for _, n in self.meta.shards])
+      self.source = grain.sources.ArrayRecordDataSource(files)
     self.features = self.meta.features
-    files = [str(self.path / name) for name, _ in self.meta.shards]
-    for (name, count), file in zip(self.meta.shards, files):
-      _check_shard(file, count)
-    self._offsets = np.cumsum([0] + [n for _, n in self.meta.shards])
-    self.source = grain.sources.ArrayRecordDataSource(files)
     shapes_path = self.path / SHAPES
-    if shapes_path.is_file():
+    if self.tfds is None and shapes_path.is_file():
       shapes = np.load(shapes_path)
       if len(shapes) != self.meta.num_examples:
         raise records.DataError(f"{shapes_path}: {len(shapes)} rows for {self.meta.num_examples} examples")
@@ -81,7 +89,7 @@ class Dataset:
 
   def _load_null(self):
     path = self.path / records.NULL_EMBEDDINGS
-    if not path.is_file():
+    if self.tfds is not None or not path.is_file():
       return None
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
@@ -126,6 +134,8 @@ class Dataset:
 
   # Reading.
   def read(self, index: int) -> dict:
+    if self.tfds is not None:
+      return self.tfds.read(index)
     shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
     where = f"{self.path / self.meta.shards[shard][0]} record {index - self._offsets[shard]}"
     return records.decode(self.source[int(index)], self.features, where)

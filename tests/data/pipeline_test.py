@@ -176,3 +176,33 @@ def test_writer_cli(tmp_path):
   writer.main(["--out", str(tmp_path / "cli"), "--npz", str(tmp_path / "x.npz"), "--examples_per_shard", "2"])
   meta = data.load_metadata(tmp_path / "cli")
   assert meta.num_examples == 5 and len(meta.shards) == 3
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyLatents(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "z": tfds.features.Tensor(shape=(4, 4, 2), dtype=np.float16),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(24):
+        yield i, {"z": np.full((4, 4, 2), i, np.float16), "label": i % 3}
+
+  TinyLatents(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  ds = data.Dataset(data.PipelineConfig("tfds:tiny_latents:train", 8, label_dropout=0.0,
+                                        tfds_data_dir=str(tmp_path), tfds_rename=(("z", "latent"),)))
+  assert ds.meta.extras["num_classes"] == 3
+  seen = np.concatenate([ds.load_batch(s)["latent"][:, 0, 0, 0] for s in range(3)])
+  assert sorted(seen.astype(int)) == list(range(24))  # one epoch covers the dataset once
+  batch = ds.load_batch(0)
+  np.testing.assert_array_equal(batch["label"], batch["latent"][:, 0, 0, 0].astype(int) % 3)
+  with pytest.raises(data.DataError, match="not prepared"):
+    data.Dataset(data.PipelineConfig("tfds:no_such_dataset", 8, tfds_data_dir=str(tmp_path)))
