@@ -256,3 +256,20 @@ def test_readme_main_command(tmp_path):
   assert results["val_ema/loss"] < results["val_raw/loss"] * 2 and np.isfinite(results["val_ema/loss"])
   print(f"README main command: {elapsed:.0f} s, loss {losses[0]:.3f} → {losses[-1]:.3f}")
   assert elapsed < 300
+
+
+def test_class_conditional_dit_config_trains_in_bf16(tmp_path):
+  from configs import dit
+  rng = np.random.default_rng(0)
+  n = 64
+  data.write_arrays(tmp_path / "labelled", {
+      "latent": rng.standard_normal((n, 8, 8, 4)).astype(np.float16),
+      "label": rng.integers(0, 10, n).astype(np.int32)}, {"num_classes": 10})
+  c = dit.get_config(f"variant=S/2,data={tmp_path / 'labelled'},steps=4,batch=8")
+  c.model.kwargs.update(dict(depth=2, hidden_size=32, num_heads=2, num_classes=10, dtype="bfloat16"))
+  c.update(dict(log_every=2, checkpoint_every=4, eval_batches=1))
+  c.data.num_threads = 1
+  summary = train.train_and_evaluate(c, tmp_path / "wd")
+  assert summary["step"] == 4 and np.isfinite(summary["val_ema/loss"])
+  _, state, _ = _final_state(tmp_path / "wd", c)
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}  # master weights

@@ -8,6 +8,7 @@ from mmdit_jax.flow.objectives import (
     sample_noise_and_t,
     validation_timesteps,
 )
+from mmdit_jax.flow import samplers
 from mmdit_jax.flow.paths import PROCESSES, Process, bcast, get_process
 from mmdit_jax.flow.predictions import (
     PREDICTIONS,
