@@ -59,5 +59,13 @@ def base_config():
   c.keep_checkpoints = 3
   c.eval_every = 0  # validation loss every k steps (0: only at the end)
   c.eval_batches = 4
+  c.sample = ml_collections.ConfigDict()  # --mode=sample / eval (mmdit_jax.sample.SampleConfig)
+  c.sample.sampler = "euler"  # euler | heun | ddim | dpmpp_2m
+  c.sample.steps = 28
+  c.sample.guidance = 4.0
+  c.sample.guidance_interval = (0.0, 1.0)
+  c.sample.threshold = "none"  # none | static | dynamic (Imagen)
+  c.sample.percentile = 0.995
+  c.sample.seed = 0
   c.halt_at_step = 0  # testing aid: checkpoint and exit at this step as if preempted (0: off)
   return c

@@ -9,6 +9,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable; demo encoder).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line.")
+_EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,12 +27,19 @@ def main(argv):
       jax.distributed.initialize()
     except (RuntimeError, ValueError):
       pass
-  from mmdit_jax import train
+  from mmdit_jax import sample, train
   if _MODE.value == "train":
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == "eval":
+    sample.run_eval(_CONFIG.value, _WORKDIR.value)
   else:
-    raise app.UsageError(f"--mode={_MODE.value} arrives with the sampling-and-evaluation issue; "
-                         "this build trains (and reports validation loss at the end of training)")
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+      with open(_PROMPTS_FILE.value) as f:
+        prompts += [line.strip() for line in f if line.strip()]
+    if not prompts and not _EMBEDDINGS.value:
+      raise app.UsageError("--mode=sample needs --prompt, --prompts_file or --embeddings")
+    sample.run_sample(_CONFIG.value, _WORKDIR.value, prompts, _EMBEDDINGS.value)
 
 
 if __name__ == "__main__":

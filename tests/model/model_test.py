@@ -55,20 +55,29 @@ def test_randomized_blocks_are_not_identity():
   assert float(jnp.std(out)) > 1e-2
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-def test_scanned_equals_unrolled(remat):
-  cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True, remat=remat)
+SCAN_TEST = dict(**TINY, dual_attention_layers=(0,), qk_norm=True)
+
+
+@pytest.fixture(scope="module")
+def unrolled_reference():
+  """Forward and gradients of the unrolled model, computed once for every remat policy."""
+  cfg = model.MMDiTConfig(**SCAN_TEST, scan_layers=False)
   params = _randomize(model.init(cfg, jax.random.key(0)))
   inputs = _inputs()
+  loss = lambda p: jnp.mean(model.apply(cfg, p, *inputs) ** 2)
+  out = jax.jit(lambda p: model.apply(cfg, p, *inputs))(params)
+  return params, inputs, out, jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_equals_unrolled(remat, unrolled_reference):
+  params, inputs, unrolled, unrolled_grads = unrolled_reference
+  cfg = model.MMDiTConfig(**SCAN_TEST, remat=remat)
   scanned = jax.jit(lambda p: model.apply(cfg, p, *inputs))(params)
-  unrolled_cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True, scan_layers=False)
-  unrolled = jax.jit(lambda p: model.apply(unrolled_cfg, p, *inputs))(params)
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
   # Gradients agree too (remat only changes what is stored).
-  loss = lambda c: lambda p: jnp.mean(model.apply(c, p, *inputs) ** 2)
-  g1 = jax.jit(jax.grad(loss(cfg)))(params)
-  g2 = jax.jit(jax.grad(loss(unrolled_cfg)))(params)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply(cfg, p, *inputs) ** 2)))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(unrolled_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
