@@ -54,12 +54,6 @@ def check_data_fits_model(meta, model_cfg, path):
     raise ValueError(f"{path}: a class-conditional model needs a 'label' feature")
 
 
-def _dropout(cfg, meta):
-  if cfg.data.text_dropout < 0:
-    return None  # SD3's rate for every encoder
-  return tuple((e["name"], cfg.data.text_dropout) for e in meta.extras.get("text_encoders", []))
-
-
 class _Preemption:
   """SIGTERM (and, on pods, the preemption sync point) → checkpoint at the next step and exit cleanly."""
 
@@ -93,10 +87,9 @@ def train_and_evaluate(config_dict, workdir) -> dict:
   pipeline = lambda path, **kw: data.PipelineConfig(
       path, cfg.data.global_batch_size, num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
       tfds_data_dir=cfg.data.tfds_data_dir, **kw)
-  dataset = data.Dataset(pipeline(train_path, seed=cfg.seed, label_dropout=cfg.data.label_dropout))
-  if cfg.data.text_dropout >= 0:
-    dataset = data.Dataset(pipeline(train_path, seed=cfg.seed, label_dropout=cfg.data.label_dropout,
-                                    text_dropout=_dropout(cfg, dataset.meta)))
+  text_dropout = None if cfg.data.text_dropout < 0 else (("*", cfg.data.text_dropout),)  # None: SD3's
+  dataset = data.Dataset(pipeline(train_path, seed=cfg.seed, label_dropout=cfg.data.label_dropout,
+                                  text_dropout=text_dropout))
   check_data_fits_model(dataset.meta, cfg.model, train_path)
   val_set = data.Dataset(pipeline(val_path, shuffle=False, text_dropout=()))  # () → no dropout
 

@@ -31,7 +31,8 @@ class PipelineConfig:
   global_batch_size: int
   seed: int = 0
   shuffle: bool = True
-  text_dropout: tuple[tuple[str, float], ...] | None = None  # (encoder, rate); None → SD3's 46.3 % each
+  # (encoder, rate) pairs, "*" naming every encoder; None → SD3's 46.3 % each; () → no dropout
+  text_dropout: tuple[tuple[str, float], ...] | None = None
   label_dropout: float = 0.0  # class-conditional: rate of replacing the label by the null class
   num_threads: int = 4  # grain reader threads
   prefetch: int = 8  # batches decoded ahead in the background
@@ -99,6 +100,8 @@ class Dataset:
     names = [e["name"] for e in encoders]
     rates = dict(self.cfg.text_dropout) if self.cfg.text_dropout is not None else {
         n: SD3_TEXT_DROPOUT for n in names}
+    if "*" in rates:
+      rates = {**{n: rates["*"] for n in names}, **{k: v for k, v in rates.items() if k != "*"}}
     unknown = set(rates) - set(names)
     if unknown:
       raise ValueError(f"text_dropout names unknown encoders {sorted(unknown)}; this dataset has {names}")

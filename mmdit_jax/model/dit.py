@@ -200,6 +200,4 @@ class DiT(nnx.Module):
     else:
       x, _ = self.blocks(x, vec, context_seq, **run)
     x = x[:, n_prefix:]
-    shift, scale = jnp.split(self.norm_out(jax.nn.silu(vec)), 2, axis=-1)
-    out = self.proj_out(modulate(layer_norm(x), shift, scale))
-    return layers.unpatchify(out, p, h, w).astype(jnp.float32)
+    return layers.final_layer(self.norm_out, self.proj_out, x, vec, p, h, w, scale_first=False)

@@ -138,6 +138,18 @@ def sincos_pos_embed(dim, h, w, max_size=None, base_size=None):
   return table.reshape(h * w, dim).astype(np.float32)
 
 
+def final_layer(norm_out, proj_out, x, vec, p, h, w, *, scale_first: bool):
+  """adaLN from c, Linear, unpatchify: (B, L, D) → (B, h, w, C) in float32.
+
+  diffusers' AdaLayerNormContinuous (SD3) chunks its modulation as (scale, shift), DiT as (shift, scale);
+  `scale_first` keeps each model loadable from its reference weights.
+  """
+  first, second = jnp.split(norm_out(jax.nn.silu(vec)), 2, axis=-1)
+  scale, shift = (first, second) if scale_first else (second, first)
+  out = proj_out(modulate(layer_norm(x), shift, scale))  # (B, L, P·P·C)
+  return unpatchify(out, p, h, w).astype(jnp.float32)
+
+
 def patchify(x, p):
   """(B, h, w, C) → (B, h/p · w/p, p·p·C) with patch-internal order (p, q, c)."""
   b, h, w, c = x.shape

@@ -252,6 +252,4 @@ class MMDiT(nnx.Module):
     img, _ = self.final_block(carry, vec)
     if active is not None:
       img = jnp.where(active[-1], img, carry[0])
-    scale, shift = jnp.split(self.norm_out(jax.nn.silu(vec)), 2, axis=-1)
-    out = self.proj_out(modulate(layer_norm(img), shift, scale))  # (B, L, P·P·C)
-    return layers.unpatchify(out, p, h, w).astype(jnp.float32)  # (B, h, w, C)
+    return layers.final_layer(self.norm_out, self.proj_out, img, vec, p, h, w, scale_first=True)

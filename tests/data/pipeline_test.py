@@ -86,6 +86,11 @@ def test_text_dropout_frequencies(demo_path):
   ds0 = data.Dataset(data.PipelineConfig(demo_path, 16, text_dropout=(("clip", 0.0), ("t5", 0.0))))
   b = ds0.load_batch(0)
   assert not np.any(np.all(b["context"][:, :16] == null_ctx[:16], axis=(1, 2)))
+  # "*" sets every encoder's rate; named entries override it.
+  ds1 = data.Dataset(data.PipelineConfig(demo_path, 16, text_dropout=(("*", 1.0), ("t5", 0.0))))
+  b = ds1.load_batch(0)
+  assert np.all(b["context"][:, :16] == null_ctx[:16]) and not np.any(
+      np.all(b["context"][:, 16:] == null_ctx[16:], axis=(1, 2)))
   with pytest.raises(ValueError, match=r"unknown encoders \['bert'\].*\['clip', 't5'\]"):
     data.Dataset(data.PipelineConfig(demo_path, 16, text_dropout=(("bert", 0.1),)))
 
