@@ -59,8 +59,17 @@ class _Preemption:
 
   def __init__(self):
     self.requested = threading.Event()
+    self.previous = None
+
+  def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:  # hand SIGTERM back to whoever had it (e.g. a test runner)
+      signal.signal(signal.SIGTERM, self.previous)
+    return False
 
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -74,6 +83,12 @@ class _Preemption:
 
 
 def train_and_evaluate(config_dict, workdir) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir) and returns the final metrics."""
+  with _Preemption() as preempted:
+    return _train_and_evaluate(config_dict, workdir, preempted)
+
+
+def _train_and_evaluate(config_dict, workdir, preempted) -> dict:
   # ── Config: every check that can fail does so here, before data or compilation ──
   cfg = config_lib.from_config_dict(config_dict)
   config_lib.check_mesh_and_batch(cfg)
@@ -125,7 +140,6 @@ def train_and_evaluate(config_dict, workdir) -> dict:
     level_fn = jax.jit(evaluate.make_level_losses(cfg))
     writer = MetricWriter(workdir)
     progress = Progress(cfg.total_steps, start, flops_per_step, cfg.data.global_batch_size)
-    preempted = _Preemption()
     order_log = open(workdir / "data_order.jsonl", "a") if jax.process_index() == 0 else None
     bin_sum, bin_count = np.zeros(NUM_T_BINS), np.zeros(NUM_T_BINS)
     last_metrics, summary = None, {}
