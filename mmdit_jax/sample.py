@@ -51,7 +51,7 @@ def make_generate(cfg: config_lib.TrainConfig, scfg: SampleConfig, latent_shape)
   """jit-able (params, context, pooled, null_context, null_pooled, key) → latents (B, h, w, C)."""
   f = cfg.formulation
   process = f.path
-  ts = (samplers.log_snr_grid(process, scfg.steps, _t_max(process)) if f.is_edm
+  ts = (samplers.log_snr_grid(process, scfg.steps, samplers.t_max(process)) if f.is_edm
         else samplers.timestep_grid(scfg.steps, shift=f.shift))
 
   def generate(params, context, pooled, null_context, null_pooled, key):
@@ -73,11 +73,6 @@ def make_generate(cfg: config_lib.TrainConfig, scfg: SampleConfig, latent_shape)
     return samplers.sample(scfg.sampler, process, denoise, noise, ts)
 
   return generate
-
-
-def _t_max(process):
-  """For processes whose σ diverges at t = 1, start where σ = 80 (EDM's σ_max)."""
-  return float(samplers.t_of_log_snr(process, jnp.asarray(-2.0 * np.log(80.0))))
 
 
 def to_uint8(latents: np.ndarray) -> np.ndarray:
@@ -124,8 +119,8 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
       with np.load(embeddings) as e:
         context, pooled = e["context"], e["pooled"]
         null_context, null_pooled = e["null_context"], e["null_pooled"]
+        latent_shape = tuple(int(x) for x in e["latent_shape"])
       names = [f"sample_{i:03d}" for i in range(len(context))]
-      latent_shape = tuple(int(x) for x in np.load(embeddings)["latent_shape"])
     else:
       if not _is_demo(cfg):
         raise ValueError("--prompt needs the demo encoder (config.data.path empty) or --embeddings=FILE.npz "

@@ -62,7 +62,7 @@ def _env(devices=8):
   return env
 
 
-def _main(workdir, *flags, devices=8):
+def _main(workdir, *flags):
   return [sys.executable, "-m", "mmdit_jax.main", "--config=configs/rf_lognorm.py", f"--workdir={workdir}",
           *flags]
 

@@ -8,12 +8,13 @@ The probability-flow ODE of any process is then dz/dt = a'_t x̂ + b'_t ε̂. Pu
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from mmdit_jax.flow.paths import Process, bcast
+from mmdit_jax.flow.paths import Process, VarianceExploding, bcast
 from mmdit_jax.flow.predictions import to_x_eps
 from mmdit_jax.flow.timesteps import shift_timesteps
 
@@ -37,6 +38,14 @@ def t_of_log_snr(process: Process, lam, iterations: int = 60):
 
   lo, hi = jax.lax.fori_loop(0, iterations, body, (jnp.zeros_like(lam) + 1e-7, jnp.ones_like(lam) - 1e-7))
   return 0.5 * (lo + hi)
+
+
+def t_max(process: Process, sigma_max: float = 80.0) -> float:
+  """Where sampling starts: t = 1 where the process reaches pure noise there; for the variance-exploding
+  (EDM) processes, whose σ diverges at t = 1, the t where σ = sigma_max (EDM's σ_max = 80)."""
+  if not isinstance(process, VarianceExploding):
+    return 1.0
+  return float(t_of_log_snr(process, jnp.asarray(-2.0 * math.log(sigma_max))))
 
 
 def log_snr_grid(process: Process, num_steps: int, t_max: float, sigma_min: float = 0.002):

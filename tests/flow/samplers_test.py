@@ -26,14 +26,6 @@ def gaussian_denoiser(process, mu=MU, std=STD):
   return denoise
 
 
-def t_max_for(process):
-  """1 where the process reaches pure noise there; otherwise where σ = b/a reaches 80 (EDM)."""
-  if isinstance(process, flow.paths.VarianceExploding):
-    grid = jnp.linspace(0.5, 1 - 1e-7, 200001)
-    return float(grid[jnp.argmin(jnp.abs(process.sigma(grid) - 80.0))])
-  return 1.0
-
-
 def test_euler_is_exact_on_a_straight_flow():
   rf = flow.get_process("rf")
   target = jnp.array([[0.3, -1.2, 2.0]])
@@ -111,9 +103,9 @@ def test_optimal_denoiser_recovers_gaussian(process_name, params, solver):
   process = flow.get_process(process_name, **params)
   steps = {"heun": 40, "dpmpp_2m": 40, "euler": 200}[solver]
   if isinstance(process, flow.paths.VarianceExploding):  # σ moves fast in t: step evenly in log-SNR
-    ts = samplers.log_snr_grid(process, steps, t_max_for(process))
+    ts = samplers.log_snr_grid(process, steps, samplers.t_max(process))
   else:
-    ts = samplers.timestep_grid(steps, t_max=t_max_for(process))
+    ts = samplers.timestep_grid(steps, t_max=samplers.t_max(process))
   noise = jax.random.normal(jax.random.key(0), (4096, 2))
   out = jax.jit(lambda n: samplers.sample(solver, process, gaussian_denoiser(process), n, ts))(noise)
   np.testing.assert_allclose(jnp.mean(out, 0), MU, atol=0.06)
@@ -129,6 +121,13 @@ def test_ddim_on_the_discrete_schedule():
   out = samplers.sample("ddim", process, gaussian_denoiser(process), noise, ts)
   np.testing.assert_allclose(jnp.mean(out, 0), MU, atol=0.06)
   np.testing.assert_allclose(jnp.std(out, 0), STD, rtol=0.06)
+
+
+def test_t_max_is_where_sigma_reaches_80():
+  for name in ("edm", "edm_rf", "edm_cos"):
+    process = flow.get_process(name)
+    assert float(process.sigma(jnp.asarray(samplers.t_max(process)))) == pytest.approx(80.0, rel=2e-2)
+  assert samplers.t_max(flow.get_process("rf")) == 1.0
 
 
 def test_unknown_names():
