@@ -16,14 +16,22 @@ from flax import nnx
 from mmdit_jax.model.dit import DiT, DiTConfig
 from mmdit_jax.model.mmdit import MMDiT, MMDiTConfig
 
-MODEL_CLASSES = {MMDiTConfig: MMDiT, DiTConfig: DiT}
+
+@functools.cache
+def model_classes() -> dict:
+  """Config type → NNX module: the backbones and the frozen encoders (imported here, not at the top,
+  because the encoders build on model.layers)."""
+  from mmdit_jax.encoders import clip, t5, vae
+  return {MMDiTConfig: MMDiT, DiTConfig: DiT, clip.CLIPTextConfig: clip.CLIPText,
+          t5.T5Config: t5.T5Encoder, vae.VAEConfig: vae.AutoencoderKL}
 
 
 def _model_class(config):
-  if type(config) not in MODEL_CLASSES:
+  classes = model_classes()
+  if type(config) not in classes:
     raise TypeError(f"not a model config: {type(config).__name__}; valid: "
-                    f"{[c.__name__ for c in MODEL_CLASSES]}")
-  return MODEL_CLASSES[type(config)]
+                    f"{[c.__name__ for c in classes]}")
+  return classes[type(config)]
 
 
 def _construct(config, key):
@@ -74,10 +82,13 @@ def init_sharded(config, key, mesh, rules):
   return jax.jit(lambda k: init_unjitted(config, k), out_shardings=shardings)(key)
 
 
-def apply(config, params, *args, **kwargs):
-  """Runs the model of `config` with `params`; MM-DiT: (latents, t, context, pooled) → velocity."""
+def apply(config, params, *args, method: str = "__call__", **kwargs):
+  """Runs the model of `config` with `params`; MM-DiT: (latents, t, context, pooled) → velocity.
+
+  `method` names another entry point of the module (the autoencoder's "encode" and "decode").
+  """
   model = nnx.merge(graphdef(config), params)
-  return model(*args, **kwargs)
+  return getattr(model, method)(*args, **kwargs)
 
 
 def param_count(config) -> int:

@@ -18,6 +18,17 @@ def xla_attention(q, k, v):
   return jnp.einsum("bhqs,bshk->bqhk", probs, v)
 
 
+def biased_attention(q, k, v, bias=None, scale=None):
+  """Attention with an additive logit bias (B|1, H|1, S, S): causal or padding masks (−inf where
+  masked), T5's relative position bias. `scale` defaults to K^−0.5 (T5 uses 1)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * scale  # (B, H, S, S)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", probs, v)
+
+
 def cudnn_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 

@@ -173,9 +173,22 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
         f"pos_embed_max_size={m}; pass sample_size= explicitly")
   used.add("pos_embed.pos_embed")
 
+  check_all_used(tensors, used)
+  return fill_params(cfg, flat)
+
+
+def check_all_used(tensors: dict, used: set):
   unknown = sorted(set(tensors) - used)
   if unknown:
     raise ConversionError(f"{len(unknown)} checkpoint tensors have no place in the model: {unknown[:20]}")
+
+
+def fill_params(cfg, flat: dict, shardings=None):
+  """An nnx.State of `cfg`'s parameters from {path tuple: array}; names missing or mis-shaped paths.
+
+  With `shardings` (api.param_shardings), each tensor goes straight to its shards, so a large encoder is
+  never whole on one device.
+  """
   abstract = nnx.to_flat_state(api.abstract_params(cfg))
   expected_paths = {path: var.shape for path, var in abstract}
   missing = sorted(map(str, set(expected_paths) - set(flat)))
@@ -186,12 +199,14 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
   if wrong:
     raise ConversionError("shape mismatch: " + "; ".join(wrong[:20]))
   state = api.abstract_params(cfg)
+  where = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
   pure = {}
   for path, value in flat.items():
     node = pure
     for k in path[:-1]:
       node = node.setdefault(k, {})
-    node[path[-1]] = jnp.asarray(value, jnp.float32)
+    value = np.asarray(value, np.float32)
+    node[path[-1]] = jax.device_put(value, where[path]) if path in where else jnp.asarray(value)
   nnx.replace_by_pure_dict(state, pure)
   return state
 

@@ -1,0 +1,232 @@
+"""Weight converters from the Hugging Face / diffusers safetensors layouts to the Flax encoders.
+
+Each takes a .safetensors file or a directory (with config.json when there is one; otherwise the config
+is inferred from tensor shapes, and what shapes cannot tell comes from a table of the known checkpoints
+or an explicit override). Our module names mirror theirs, so each converter is a map from our parameter
+paths to their tensor names; every tensor must be used exactly once, or the conversion fails naming
+the unknown, missing or mis-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax import nnx
+
+from mmdit_jax.encoders.clip import CLIPTextConfig
+from mmdit_jax.encoders.t5 import T5Config
+from mmdit_jax.encoders.vae import VAEConfig
+from mmdit_jax.model import api
+from mmdit_jax.model.convert import ConversionError, check_all_used, fill_params, load_safetensors
+
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def _torch_name(path) -> str:
+  *mods, leaf = path
+  return ".".join([*map(str, mods), _LEAF[leaf]])
+
+
+def _from_torch(value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf != "kernel":
+    return value
+  return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)  # Linear (O, I); Conv (O, I, kh, kw)
+
+
+def _get(tensors, name, used):
+  if name not in tensors:
+    raise ConversionError(f"checkpoint lacks tensor {name!r}")
+  used.add(name)
+  return tensors[name]
+
+
+def _convert(cfg, tensors, torch_name, stacks: dict, shardings=None):
+  """Maps every parameter of `cfg` through `torch_name(path)`; a path under a key of `stacks`
+  (prefix → layer count) is the stack of their per-layer tensors, named by `torch_name(path, i)`."""
+  used: set[str] = set()
+  flat = {}
+  for path, _ in nnx.to_flat_state(api.abstract_params(cfg)):
+    leaf = path[-1]
+    prefix = next((p for p in stacks if path[:len(p)] == p), None)
+    if prefix is None:
+      flat[path] = _from_torch(_get(tensors, torch_name(path), used), leaf)
+    else:
+      flat[path] = np.stack([_from_torch(_get(tensors, torch_name(path, i), used), leaf)
+                             for i in range(stacks[prefix])])
+  check_all_used(tensors, used)
+  return fill_params(cfg, flat, shardings)
+
+
+def _layer_ids(tensors, pattern):
+  ids = sorted({int(m.group(1)) for k in tensors if (m := re.match(pattern, k))})
+  if not ids or ids != list(range(len(ids))):
+    raise ConversionError(f"layer indices of {pattern!r} are not 0..n-1: {ids[:10]}")
+  return len(ids)
+
+
+def _need(tensors, name):
+  if name not in tensors:
+    raise ConversionError(f"checkpoint lacks tensor {name!r}")
+  return tensors[name]
+
+
+# CLIP text (transformers CLIPTextModel / CLIPTextModelWithProjection).
+
+# What shapes cannot tell, for the checkpoints SD3 uses: (width, depth) → activation.
+KNOWN_CLIP = {(768, 12): "quick_gelu",  # OpenAI CLIP-L/14
+              (1280, 32): "gelu"}  # OpenCLIP bigG/14
+
+
+def _clip_prefix(tensors):
+  return "text_model." if any(k.startswith("text_model.") for k in tensors) else ""
+
+
+def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
+  config_json = config_json or {}
+  p = _clip_prefix(tensors)
+  vocab, width = _need(tensors, f"{p}embeddings.token_embedding.weight").shape
+  depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
+  act = config_json.get("hidden_act") or KNOWN_CLIP.get((width, depth))
+  if act is None and "activation" not in overrides:
+    raise ConversionError(f"CLIP text width {width}, depth {depth} is not a known checkpoint and no config.json "
+                          f"gives hidden_act; pass activation= one of quick_gelu, gelu")
+  proj = tensors.get("text_projection.weight")
+  if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
+    raise ConversionError(f"CLIP text width {width}: heads are unknown without config.json (CLIP uses head "
+                          "dim 64, which does not divide it); pass num_heads=")
+  cfg = dict(vocab_size=vocab, width=width, depth=depth,
+             num_heads=int(config_json.get("num_attention_heads", width // 64)),
+             mlp_width=_need(tensors, f"{p}encoder.layers.0.mlp.fc1.weight").shape[0],
+             max_tokens=_need(tensors, f"{p}embeddings.position_embedding.weight").shape[0],
+             activation=act, projection_dim=None if proj is None else proj.shape[0],
+             pooled="unprojected" if proj is None else "projected",
+             eos_token_id=int(config_json.get("eos_token_id", 49407)),
+             eps=float(config_json.get("layer_norm_eps", 1e-5)))
+  cfg.update(overrides)
+  return CLIPTextConfig(**cfg)
+
+
+def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
+  p = _clip_prefix(tensors)
+  tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}  # a buffer in old files
+  top = {("token_embedding", "embedding"): f"{p}embeddings.token_embedding.weight",
+         ("position_embedding",): f"{p}embeddings.position_embedding.weight",
+         ("text_projection", "kernel"): "text_projection.weight"}
+
+  def torch_name(path, i=None):
+    if path in top:
+      return top[path]
+    if path[0] == "layers":
+      return f"{p}encoder.layers.{i}." + _torch_name(path[2:])
+    if path[0] == "last_layer":
+      return f"{p}encoder.layers.{cfg.depth - 1}." + _torch_name(path[1:])
+    return p + _torch_name(path)
+
+  return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth - 1}, shardings)
+
+
+def load_clip(path, shardings_for=None, **overrides):
+  """(CLIPTextConfig, params) from a transformers CLIP text checkpoint (file or directory)."""
+  tensors, config_json = load_safetensors(path)
+  cfg = infer_clip_config(tensors, config_json, **overrides)
+  return cfg, convert_clip(tensors, cfg, shardings_for(cfg) if shardings_for else None)
+
+
+# T5 v1.1 encoder (transformers T5EncoderModel).
+
+_T5_RENAME = {"attn_norm": "layer.0.layer_norm", "attn": "layer.0.SelfAttention",
+              "ff_norm": "layer.1.layer_norm", "ff": "layer.1.DenseReluDense"}
+
+
+def infer_t5_config(tensors, config_json=None, **overrides) -> T5Config:
+  config_json = config_json or {}
+  if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in tensors:
+    raise ConversionError("a T5 v1.0 checkpoint (ReLU feed-forward 'wi'): only T5 v1.1 (gated GELU, "
+                          "'wi_0'/'wi_1') is supported")
+  vocab, width = _shared(tensors).shape
+  buckets, heads = _need(tensors, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape
+  inner = _need(tensors, "encoder.block.0.layer.0.SelfAttention.q.weight").shape[0]
+  cfg = dict(vocab_size=vocab, width=width, depth=_layer_ids(tensors, r"encoder\.block\.(\d+)\."),
+             num_heads=heads, head_dim=inner // heads,
+             mlp_width=_need(tensors, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape[0],
+             num_buckets=buckets, max_distance=int(config_json.get("relative_attention_max_distance", 128)),
+             eps=float(config_json.get("layer_norm_epsilon", 1e-6)))
+  cfg.update(overrides)
+  return T5Config(**cfg)
+
+
+def _shared(tensors):
+  for name in ("shared.weight", "encoder.embed_tokens.weight"):
+    if name in tensors:
+      return tensors[name]
+  raise ConversionError("checkpoint lacks the token embedding ('shared.weight' or 'encoder.embed_tokens.weight')")
+
+
+def convert_t5(tensors, cfg: T5Config, shardings=None):
+  tensors = dict(tensors)
+  if "shared.weight" in tensors and "encoder.embed_tokens.weight" in tensors:  # tied copies
+    if not np.array_equal(tensors["shared.weight"], tensors["encoder.embed_tokens.weight"]):
+      raise ConversionError("shared.weight and encoder.embed_tokens.weight differ; expected tied embeddings")
+    del tensors["encoder.embed_tokens.weight"]
+  shared = "shared.weight" if "shared.weight" in tensors else "encoder.embed_tokens.weight"
+  top = {("shared", "embedding"): shared,
+         ("relative_attention_bias", "embedding"):
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+         ("final_layer_norm", "scale"): "encoder.final_layer_norm.weight"}
+
+  def torch_name(path, i=None):
+    if path in top:
+      return top[path]
+    rest = path[2:]
+    return f"encoder.block.{i}.{_T5_RENAME[rest[0]]}." + _torch_name(rest[1:])
+
+  return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth}, shardings)
+
+
+def load_t5(path, shardings_for=None, **overrides):
+  """(T5Config, params) from a transformers T5EncoderModel (or full T5) checkpoint; the decoder of a
+  full T5 checkpoint is ignored."""
+  tensors, config_json = load_safetensors(path)
+  tensors = {k: v for k, v in tensors.items() if not k.startswith(("decoder.", "lm_head."))}
+  cfg = infer_t5_config(tensors, config_json, **overrides)
+  return cfg, convert_t5(tensors, cfg, shardings_for(cfg) if shardings_for else None)
+
+
+# The autoencoder (diffusers AutoencoderKL).
+
+def infer_vae_config(tensors, config_json=None, **overrides) -> VAEConfig:
+  config_json = config_json or {}
+  n_blocks = _layer_ids(tensors, r"encoder\.down_blocks\.(\d+)\.")
+  channels = tuple(int(_need(tensors, f"encoder.down_blocks.{i}.resnets.0.conv2.weight").shape[0])
+                   for i in range(n_blocks))
+  latent = _need(tensors, "encoder.conv_out.weight").shape[0] // 2
+  cfg = dict(in_channels=_need(tensors, "encoder.conv_in.weight").shape[1], latent_channels=latent,
+             block_out_channels=channels,
+             layers_per_block=_layer_ids(tensors, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+             norm_groups=int(config_json.get("norm_num_groups", 32)),
+             use_quant_conv="quant_conv.weight" in tensors,
+             use_post_quant_conv="post_quant_conv.weight" in tensors)
+  if "scaling_factor" in config_json:
+    cfg["scaling_factor"] = float(config_json["scaling_factor"])
+    cfg["shift_factor"] = float(config_json.get("shift_factor") or 0.0)
+  elif latent != 16 and "scaling_factor" not in overrides:  # 16 channels: SD3's values, the defaults
+    raise ConversionError(f"a {latent}-channel autoencoder without config.json: its latent scaling_factor "
+                          "and shift_factor are unknown; pass them explicitly")
+  cfg.update(overrides)
+  return VAEConfig(**cfg)
+
+
+def convert_vae(tensors, cfg: VAEConfig, shardings=None):
+  def torch_name(path, i=None):
+    name = _torch_name(path)
+    return name.replace(".to_out.", ".to_out.0.")
+
+  return _convert(cfg, tensors, torch_name, {}, shardings)
+
+
+def load_vae(path, shardings_for=None, **overrides):
+  """(VAEConfig, params) from a diffusers AutoencoderKL checkpoint (file or directory)."""
+  tensors, config_json = load_safetensors(path)
+  cfg = infer_vae_config(tensors, config_json, **overrides)
+  return cfg, convert_vae(tensors, cfg, shardings_for(cfg) if shardings_for else None)

@@ -1,0 +1,145 @@
+"""Parity of the Flax encoders with the PyTorch references (tiny random models saved to safetensors),
+the converters' errors, and the parameter counts of the real shapes."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from mmdit_jax.encoders import clip, convert, t5, vae
+from mmdit_jax.model import api
+from mmdit_jax.model.convert import ConversionError
+
+
+def _rel(ours, ref):
+  ref = np.asarray(ref, np.float64)
+  return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def _ids(rng, b, n, vocab, eos):
+  ids = rng.integers(1, vocab - 2, (b, n))
+  for i, length in enumerate(rng.integers(3, n - 1, b)):  # EOS then padding, as the tokenizer writes
+    ids[i, length] = eos
+    ids[i, length + 1:] = 0
+  return ids
+
+
+@pytest.mark.parametrize("act,eos", [("quick_gelu", 2), ("gelu", 97)])
+def test_clip_text_matches_transformers(tmp_path, act, eos):
+  import transformers
+  torch.manual_seed(0)
+  ref_cfg = transformers.CLIPTextConfig(
+      vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+      max_position_embeddings=77, hidden_act=act, projection_dim=24, eos_token_id=eos)
+  ref = transformers.CLIPTextModelWithProjection(ref_cfg).eval()
+  ref.save_pretrained(tmp_path)
+  ids = _ids(np.random.default_rng(0), 3, 77, 99, eos if eos != 2 else 98)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids), output_hidden_states=True)
+    unprojected = transformers.CLIPTextModel.from_pretrained(tmp_path).eval()(torch.tensor(ids)).pooler_output
+
+  cfg, params = convert.load_clip(tmp_path)
+  assert (cfg.activation, cfg.projection_dim, cfg.pooled, cfg.depth) == (act, 24, "projected", 3)
+  hidden, pooled = jax.jit(lambda p, x: api.apply(cfg, p, x))(params, ids)
+  assert _rel(hidden, out.hidden_states[-2]) < 1e-4
+  assert _rel(pooled, out.text_embeds) < 1e-4
+  cfg_l = dataclasses.replace(cfg, pooled="unprojected")  # how SD3 takes CLIP-L's pooled vector
+  _, pooled_l = jax.jit(lambda p, x: api.apply(cfg_l, p, x))(params, ids)
+  assert _rel(pooled_l, unprojected) < 1e-4
+
+
+def test_t5_encoder_matches_transformers(tmp_path):
+  import transformers
+  torch.manual_seed(0)
+  ref_cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                  relative_attention_max_distance=20)
+  ref = transformers.T5EncoderModel(ref_cfg).eval()
+  ref.save_pretrained(tmp_path)
+  rng = np.random.default_rng(1)
+  ids = rng.integers(0, 100, (2, 40))  # 40 tokens > max_distance: the log-spaced buckets are exercised
+  mask = np.ones((2, 40), bool)
+  mask[1, 25:] = False
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).last_hidden_state
+    want_masked = ref(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).last_hidden_state
+
+  cfg, params = convert.load_t5(tmp_path)
+  assert (cfg.num_heads, cfg.head_dim, cfg.num_buckets, cfg.max_distance, cfg.depth) == (4, 8, 8, 20, 2)
+  f = jax.jit(lambda p, x, m: api.apply(cfg, p, x, m))
+  assert _rel(jax.jit(lambda p, x: api.apply(cfg, p, x))(params, ids), want) < 1e-4
+  got = np.asarray(f(params, ids, mask))
+  assert _rel(got[:, :25], want_masked.numpy()[:, :25]) < 1e-4  # HF leaves padded rows unmasked too
+  assert _rel(got, want_masked) < 1e-4
+
+
+def _tiny_vae(tmp_path):
+  from diffusers import AutoencoderKL
+  torch.manual_seed(0)
+  ref = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                      latent_channels=16, norm_num_groups=4, sample_size=16, use_quant_conv=False,
+                      use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609).eval()
+  ref.save_pretrained(tmp_path)
+  return ref
+
+
+def test_vae_matches_diffusers(tmp_path):
+  ref = _tiny_vae(tmp_path)
+  rng = np.random.default_rng(2)
+  images = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)  # non-square
+  z = rng.standard_normal((2, 8, 12, 16)).astype(np.float32)
+  with torch.no_grad():
+    dist = ref.encode(torch.tensor(images).permute(0, 3, 1, 2)).latent_dist
+    decoded = ref.decode(torch.tensor(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1)
+
+  cfg, params = convert.load_vae(tmp_path)
+  assert (cfg.block_out_channels, cfg.layers_per_block, cfg.norm_groups) == ((8, 16), 1, 4)
+  assert (cfg.scaling_factor, cfg.shift_factor) == (1.5305, 0.0609)
+  mean, logvar = jax.jit(lambda p, x: api.apply(cfg, p, x, method="encode"))(params, images)
+  assert _rel(mean, dist.mean.permute(0, 2, 3, 1)) < 1e-4
+  assert _rel(logvar, dist.logvar.permute(0, 2, 3, 1)) < 1e-4
+  assert _rel(jax.jit(lambda p, x: api.apply(cfg, p, x, method="decode"))(params, z), decoded) < 1e-4
+  # The one place the SD3 normalisation is applied: encode_images ∘ from_latents is the posterior mean.
+  latents = jax.jit(lambda p, x: vae.encode_images(cfg, p, x))(params, images)
+  np.testing.assert_allclose(vae.from_latents(cfg, latents), mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(latents, (np.asarray(mean) - 0.0609) * 1.5305, rtol=1e-5, atol=1e-6)
+
+
+def test_converters_name_unknown_missing_and_wrong_tensors(tmp_path):
+  from safetensors.numpy import save_file
+  import transformers
+  ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+      hidden_act="gelu"))
+  tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
+  cfg = convert.infer_clip_config(tensors, {"hidden_act": "gelu", "num_attention_heads": 2})
+  with pytest.raises(ConversionError, match="no place in the model.*extra.weight"):
+    convert.convert_clip({**tensors, "extra.weight": np.zeros(3, np.float32)}, cfg)
+  broken = {k: v for k, v in tensors.items() if "layers.1.mlp.fc2.bias" not in k}
+  with pytest.raises(ConversionError, match=r"lacks tensor '(text_model\.)?encoder.layers.1.mlp.fc2.bias'"):
+    convert.convert_clip(broken, cfg)
+  with pytest.raises(ConversionError, match="shape mismatch"):
+    convert.convert_clip(tensors, dataclasses.replace(cfg, mlp_width=24))
+  with pytest.raises(ConversionError, match="not a known checkpoint.*hidden_act"):
+    convert.infer_clip_config(tensors, {"num_attention_heads": 2})  # not CLIP-L/bigG shaped
+  with pytest.raises(ConversionError, match="heads are unknown"):
+    convert.infer_clip_config(tensors, {"hidden_act": "gelu"})
+  save_file(tensors, str(tmp_path / "clip.safetensors"))
+  with pytest.raises(ConversionError, match="T5 v1.0"):
+    convert.infer_t5_config({"encoder.block.0.layer.1.DenseReluDense.wi.weight": np.zeros((2, 2))})
+  with pytest.raises(ConversionError, match="lacks tensor 'encoder.conv_in.weight'|layer indices"):
+    convert.load_vae(tmp_path / "clip.safetensors")  # a checkpoint of another model
+  with pytest.raises(FileNotFoundError, match="no .safetensors"):
+    convert.load_t5(tmp_path / "nothing_here")
+
+
+def test_param_counts_of_the_real_shapes():
+  counts = {name: api.param_count(c) / 1e6 for name, c in
+            (("clip_l", clip.CLIP_L), ("clip_g", clip.CLIP_G), ("t5_xxl", t5.T5_XXL), ("vae", vae.SD3_VAE))}
+  assert counts["clip_l"] == pytest.approx(123.65, abs=0.01)  # 123.06M + the 768² projection
+  assert counts["clip_g"] == pytest.approx(694.66, abs=0.01)
+  assert counts["t5_xxl"] == pytest.approx(4762.31, abs=0.01)
+  assert counts["vae"] == pytest.approx(83.82, abs=0.01)
