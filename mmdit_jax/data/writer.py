@@ -71,15 +71,8 @@ class DatasetWriter:
     if self.count == 0:
       shutil.rmtree(self.tmp, ignore_errors=True)
       raise records.DataError(f"no examples were written to {self.path}")
-    if self.null_embeddings is not None:
-      np.savez(self.tmp / records.NULL_EMBEDDINGS, **self.null_embeddings)
-    if self.bucket_feature:
-      np.save(self.tmp / SHAPES, np.asarray(self.shapes, np.int32))
-    meta = records.Metadata(self.features, tuple(self.shards), self.extras)
-    with open(self.tmp / records.METADATA, "w") as f:  # written last: its presence marks completeness
-      json.dump(meta.to_json(), f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
+    meta = finalize(self.tmp, self.features, self.shards, self.extras, self.null_embeddings,
+                    self.shapes if self.bucket_feature else None)
     if self.path.exists():
       shutil.rmtree(self.path)
     os.replace(self.tmp, self.path)
@@ -96,6 +89,37 @@ class DatasetWriter:
         self.writer.close()
       shutil.rmtree(self.tmp, ignore_errors=True)
     return False
+
+
+def write_shard(path, features, examples: Iterable[dict], where: str = "") -> int:
+  """Writes one shard file atomically (a temporary name renamed into place); returns the record count."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  writer = ArrayRecordWriter(str(tmp), "group_size:1")
+  n = 0
+  try:
+    for n, ex in enumerate(examples, 1):
+      writer.write(records.encode(ex, features, f"{where or path.name} example {n - 1}"))
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return n
+
+
+def finalize(path, features, shards, extras, null_embeddings=None, shapes=None) -> records.Metadata:
+  """Writes null embeddings, bucket shapes and, last and synced, metadata.json into a directory of
+  finished shards: from then on it is a complete dataset."""
+  path = pathlib.Path(path)
+  if null_embeddings is not None:
+    np.savez(path / records.NULL_EMBEDDINGS, **null_embeddings)
+  if shapes is not None:
+    np.save(path / SHAPES, np.asarray(shapes, np.int32))
+  meta = records.Metadata(tuple(features), tuple(shards), dict(extras))
+  with open(path / records.METADATA, "w") as f:  # written last: its presence marks completeness
+    json.dump(meta.to_json(), f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  return meta
 
 
 def write_arrays(path, arrays: dict[str, np.ndarray], extras: dict | None = None, **kwargs):

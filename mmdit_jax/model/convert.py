@@ -199,7 +199,8 @@ def fill_params(cfg, flat: dict, shardings=None):
   if wrong:
     raise ConversionError("shape mismatch: " + "; ".join(wrong[:20]))
   state = api.abstract_params(cfg)
-  where = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  where = {path: (v.get_value() if isinstance(v, nnx.Variable) else v)
+           for path, v in nnx.to_flat_state(shardings)} if shardings is not None else {}
   pure = {}
   for path, value in flat.items():
     node = pure

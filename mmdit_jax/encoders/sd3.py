@@ -1,0 +1,175 @@
+"""SD3 conditioning: where the encoders live on disk, and prompts → (context, pooled).
+
+context = [CLIP-L ‖ bigG penultimate states, zero-padded on channels to D] followed on the sequence by
+T5's states (77 + 77 = 154 tokens at D = 4096); pooled = [CLIP-L ‖ bigG] (768 + 1280 = 2048). Without
+T5 its tokens are zeros, as SD3 does at inference. `text_encoder_slices` tells the data pipeline which
+slice each encoder owns, for SD3's per-encoder dropout to null (empty-prompt) embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdit_jax import parallel
+from mmdit_jax.encoders import convert, vae
+from mmdit_jax.encoders.tokenizer import Tokenizer
+from mmdit_jax.model import api
+
+# Role → (weights, tokenizer) sub-directories of a diffusers StableDiffusion3Pipeline checkpoint.
+SD3_LAYOUT = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+              "t5": ("text_encoder_3", "tokenizer_3"), "vae": ("vae", None)}
+CLIP_TOKENS = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderPaths:
+  """Weights and tokenizer directories per role; "" for t5 means no T5 (zeros in its place)."""
+  clip_l: str
+  clip_l_tokenizer: str
+  clip_g: str
+  clip_g_tokenizer: str
+  t5: str
+  t5_tokenizer: str
+  vae: str
+
+  @classmethod
+  def from_config(cls, c) -> "EncoderPaths":
+    """From a ConfigDict with `root` (an SD3 diffusers checkpoint) and optional per-role overrides."""
+    root = pathlib.Path(c.get("root", "") or ".")
+    fields = {}
+    for role, (weights, tok) in SD3_LAYOUT.items():
+      fields[role] = c.get(role, "") or (str(root / weights) if c.get("root") else "")
+      if tok:
+        fields[f"{role}_tokenizer"] = c.get(f"{role}_tokenizer", "") or (
+            str(root / tok) if c.get("root") else fields[role])
+    if c.get("no_t5", False):
+      fields["t5"] = fields["t5_tokenizer"] = ""
+    paths = cls(**fields)
+    missing = [r for r in ("clip_l", "clip_g", "vae") if not getattr(paths, r)]
+    if missing:
+      raise ValueError(f"encoder paths missing for {missing}: set config.encoders.root to a diffusers SD3 "
+                       f"checkpoint directory, or config.encoders.<role> for each of {list(SD3_LAYOUT)}")
+    for role in ("clip_l", "clip_g", "t5", "vae"):
+      p = getattr(paths, role)
+      if p and not pathlib.Path(p).exists():
+        raise FileNotFoundError(f"config.encoders: {role} weights {p} do not exist")
+    return paths
+
+
+def weights_sha256(path) -> str:
+  """SHA-256 over the .safetensors files of a weights file or directory (sorted by name)."""
+  path = pathlib.Path(path)
+  h = hashlib.sha256()
+  for f in ([path] if path.is_file() else sorted(path.glob("*.safetensors"))):
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 24), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def _shardings_for(mesh, rules):
+  return lambda cfg: api.param_shardings(cfg, mesh, rules)
+
+
+class SD3TextEncoder:
+  """Prompts → SD3 (context (B, 77 + t5_tokens, D), pooled (B, P)) with CLIP-L, bigG and T5 on a mesh."""
+
+  def __init__(self, paths: EncoderPaths, mesh, rules=parallel.DEFAULT_RULES, *, t5_tokens: int = 77,
+               dtype: str = "float32", context_dim: int | None = None):
+    shard = _shardings_for(mesh, rules)
+    self.mesh = mesh
+    self.cfg_l, params_l = convert.load_clip(paths.clip_l, shard, pooled="unprojected", dtype=dtype)
+    self.cfg_g, params_g = convert.load_clip(paths.clip_g, shard, pooled="projected", dtype=dtype)
+    self.tok_l = Tokenizer(paths.clip_l_tokenizer, CLIP_TOKENS)
+    self.tok_g = Tokenizer(paths.clip_g_tokenizer, CLIP_TOKENS)
+    self.params = {"clip_l": params_l, "clip_g": params_g}
+    self.cfg_t5 = None
+    if paths.t5:
+      self.cfg_t5, self.params["t5"] = convert.load_t5(paths.t5, shard, dtype=dtype)
+      self.tok_t5 = Tokenizer(paths.t5_tokenizer, t5_tokens)
+    self.t5_tokens = t5_tokens
+    clip_width = self.cfg_l.width + self.cfg_g.width
+    natural = max(clip_width, self.cfg_t5.width) if self.cfg_t5 else None
+    self.context_dim = context_dim or natural
+    if self.context_dim is None:
+      raise ValueError("without T5 the context width is unknown: pass context_dim (the model's context_dim)")
+    if self.context_dim < clip_width or (self.cfg_t5 and self.context_dim < self.cfg_t5.width):
+      raise ValueError(f"context_dim {self.context_dim} cannot hold CLIP ({clip_width}) and T5 "
+                       f"({self.cfg_t5.width if self.cfg_t5 else 'absent'}) states")
+    self.pooled_dim = self.cfg_l.pooled_dim + self.cfg_g.pooled_dim
+    self.paths = paths
+    self._encode = jax.jit(self._encode_ids)
+
+  def _encode_ids(self, params, ids_l, ids_g, ids_t5):
+    d = self.context_dim
+    h_l, p_l = api.apply(self.cfg_l, params["clip_l"], ids_l)
+    h_g, p_g = api.apply(self.cfg_g, params["clip_g"], ids_g)
+    clip = jnp.concatenate([h_l, h_g], -1)  # (B, 77, D_l + D_g)
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, d - clip.shape[-1])))
+    if self.cfg_t5 is not None:
+      t5 = api.apply(self.cfg_t5, params["t5"], ids_t5)
+      t5 = jnp.pad(t5, ((0, 0), (0, 0), (0, d - t5.shape[-1])))
+    else:
+      t5 = jnp.zeros((clip.shape[0], self.t5_tokens, d), clip.dtype)
+    return jnp.concatenate([clip, t5], 1), jnp.concatenate([p_l, p_g], -1)  # (B, T, D), (B, P)
+
+  def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """float32 numpy (context, pooled) for a list of prompts."""
+    prompts = list(prompts)
+    ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
+    ids_t5 = self.tok_t5(prompts) if self.cfg_t5 is not None else np.zeros((len(prompts), 1), np.int32)
+    with jax.set_mesh(self.mesh):
+      context, pooled = self._encode(self.params, ids_l, ids_g, ids_t5)
+    return np.asarray(context), np.asarray(pooled)
+
+  def text_encoder_slices(self) -> list[dict]:
+    """Per-encoder slices of context and pooled (metadata for the pipeline's text dropout)."""
+    wl, wg = self.cfg_l.width, self.cfg_g.width
+    pl, pg = self.cfg_l.pooled_dim, self.cfg_g.pooled_dim
+    out = [{"name": "clip_l", "context_tokens": [0, CLIP_TOKENS], "context_channels": [0, wl],
+            "pooled": [0, pl]},
+           {"name": "clip_g", "context_tokens": [0, CLIP_TOKENS], "context_channels": [wl, wl + wg],
+            "pooled": [pl, pl + pg]}]
+    if self.cfg_t5 is not None:
+      out.append({"name": "t5", "context_tokens": [CLIP_TOKENS, CLIP_TOKENS + self.t5_tokens],
+                  "context_channels": [0, self.cfg_t5.width]})
+    return out
+
+  def describe(self) -> dict:
+    """Encoder names, paths, weight hashes, configs and dtypes, for dataset metadata."""
+    out = {}
+    for role, cfg in (("clip_l", self.cfg_l), ("clip_g", self.cfg_g), ("t5", self.cfg_t5)):
+      if cfg is not None:
+        path = getattr(self.paths, role)
+        out[role] = {"path": str(path), "tokenizer": getattr(self.paths, f"{role}_tokenizer"),
+                     "sha256": weights_sha256(path), "config": dataclasses.asdict(cfg)}
+    return out
+
+
+class Autoencoder:
+  """The VAE on a mesh: images [−1, 1] ↔ normalised latents (vae.to_latents / from_latents)."""
+
+  def __init__(self, path, mesh, rules=parallel.DEFAULT_RULES, dtype: str = "float32"):
+    self.mesh = mesh
+    self.path = str(path)
+    self.cfg, self.params = convert.load_vae(path, _shardings_for(mesh, rules), dtype=dtype)
+    self._encode = jax.jit(lambda p, x, key: vae.encode_images(self.cfg, p, x, key))
+    self._encode_mean = jax.jit(lambda p, x: vae.encode_images(self.cfg, p, x))
+    self._decode = jax.jit(lambda p, z: vae.decode_latents(self.cfg, p, z))
+
+  def encode(self, images, key=None):
+    with jax.set_mesh(self.mesh):
+      return self._encode_mean(self.params, images) if key is None else self._encode(self.params, images, key)
+
+  def decode(self, latents):
+    with jax.set_mesh(self.mesh):
+      return self._decode(self.params, latents)
+
+  def describe(self) -> dict:
+    return {"path": self.path, "sha256": weights_sha256(self.path), "config": dataclasses.asdict(self.cfg)}

@@ -1,0 +1,32 @@
+"""Tokenizers from local directories (transformers' CLIP and T5 tokenizers; nothing is downloaded).
+
+SD3 pads every prompt to a fixed length and truncates longer ones, so each encoder compiles once.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+# Files that make a directory loadable by transformers.AutoTokenizer, per kind.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+class Tokenizer:
+  """texts → int32 ids (B, max_length), padded and truncated as SD3 does."""
+
+  def __init__(self, path, max_length: int):
+    import transformers  # heavy: imported when a tokenizer is actually needed
+    path = pathlib.Path(path)
+    if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
+      raise FileNotFoundError(f"no tokenizer at {path}: expected a directory with one of {TOKENIZER_FILES} "
+                              "(e.g. the tokenizer/ folder of a diffusers SD3 checkpoint)")
+    self.path, self.max_length = path, max_length
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+  def __call__(self, texts) -> np.ndarray:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                         return_tensors="np")
+    return np.asarray(out["input_ids"], np.int32)

@@ -1,0 +1,59 @@
+"""Tokenizers from local files and the SD3 conditioning assembly on tiny random encoders."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mmdit_jax import parallel
+from mmdit_jax.encoders import sd3
+from mmdit_jax.encoders.tokenizer import Tokenizer
+from tests.encoders import tiny
+
+
+def test_tokenizers_from_local_files(tmp_path):
+  import transformers
+  vocab = tiny.write_clip_tokenizer(tmp_path / "clip")
+  ids = Tokenizer(tmp_path / "clip", 8)(["a red circle", "photo of a dog at the top left and a cat"])
+  bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+  np.testing.assert_array_equal(ids[0], [bos, vocab["a</w>"], vocab["red</w>"], vocab["circle</w>"], eos, eos, eos, eos])
+  assert ids.shape == (2, 8) and ids[1, -1] == eos and ids.dtype == np.int32  # truncated, EOS kept
+  tiny.write_t5_tokenizer(tmp_path / "t5")
+  t5 = Tokenizer(tmp_path / "t5", 12)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "t5"))
+  for text in ("a red circle", "photo of a cat at the bottom right"):
+    want = ref(text)["input_ids"]
+    assert want[-1] == 1  # T5 appends </s>
+    want = want[:11] + [1] if len(want) > 12 else want + [0] * (12 - len(want))  # truncate, keep </s>; pad
+    assert list(t5([text])[0]) == want
+  with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+    Tokenizer(tmp_path / "missing", 77)
+
+
+@pytest.fixture(scope="module")
+def sd3_root(tmp_path_factory):
+  return tiny.write_sd3_encoders(tmp_path_factory.mktemp("sd3"))
+
+
+def test_sd3_conditioning_layout(sd3_root):
+  paths = sd3.EncoderPaths.from_config(ml_collections.ConfigDict({"root": str(sd3_root)}))
+  mesh = parallel.make_mesh((2, 1, 1, 4))
+  enc = sd3.SD3TextEncoder(paths, mesh)
+  prompts = ["a red circle", "a blue square at the top left", ""]
+  context, pooled = enc(prompts)
+  assert context.shape == (3, 154, 80) and pooled.shape == (3, 32 + 48)
+  # CLIP-L's channels, bigG's after them, zero padding, then T5 on the sequence.
+  assert np.all(context[:, :77, 80:] == 0) and np.all(context[:, 77:, 64:] == 0)
+  assert np.abs(context[:, :77, :80]).min() > 0 and np.abs(context[:, 77:, :64]).min() > 0
+  spec = enc.params["t5"]["layers"]["layers"]["ff"]["wi_0"]["kernel"].get_value().sharding.spec
+  assert tuple(spec) == (None, "fsdp", "tensor")  # (layers, embed, mlp): laid out on the mesh
+  no_t5 = sd3.SD3TextEncoder(sd3.EncoderPaths.from_config(ml_collections.ConfigDict(
+      {"root": str(sd3_root), "no_t5": True})), mesh, context_dim=80)
+  c2, p2 = no_t5(prompts)
+  np.testing.assert_allclose(c2[:, :77], context[:, :77], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(p2, pooled, rtol=1e-5, atol=1e-6)
+  assert np.all(c2[:, 77:] == 0)  # inference without T5: zeros in its place
+  slices = {s["name"]: s for s in enc.text_encoder_slices()}
+  assert slices["clip_g"]["context_channels"] == [32, 80] and slices["t5"]["context_tokens"] == [77, 154]
+  assert slices["clip_g"]["pooled"] == [32, 80] and "pooled" not in slices["t5"]
+  with pytest.raises(ValueError, match="encoder paths missing"):
+    sd3.EncoderPaths.from_config(ml_collections.ConfigDict({"clip_l": str(sd3_root / "text_encoder")}))
