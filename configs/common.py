@@ -14,6 +14,20 @@ def parse_arg(arg, **defaults):
   return cfg
 
 
+def encoders_config():
+  """Where the frozen SD3 encoders live: `root` is a diffusers SD3 checkpoint directory (text_encoder*,
+  tokenizer*, vae); the per-role fields override its layout. Empty everywhere → the paths recorded in
+  the dataset's metadata by the precompute job."""
+  e = ml_collections.ConfigDict()
+  e.root = ""
+  for role in ("clip_l", "clip_g", "t5", "vae"):
+    e[role] = ""
+  for role in ("clip_l", "clip_g", "t5"):
+    e[f"{role}_tokenizer"] = ""
+  e.no_t5 = False  # inference without T5: zeros in its place (SD3 §5.3.2)
+  return e
+
+
 def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -67,5 +81,6 @@ def base_config():
   c.sample.threshold = "none"  # none | static | dynamic (Imagen)
   c.sample.percentile = 0.995
   c.sample.seed = 0
+  c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
   c.halt_at_step = 0  # testing aid: checkpoint and exit at this step as if preempted (0: off)
   return c

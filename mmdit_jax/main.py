@@ -9,7 +9,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable; demo encoder).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -17,16 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  import jax
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    if jax.config.jax_platforms == "cpu":  # CPU collectives across processes
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif jax.config.jax_platforms not in (None, "", "cpu"):  # Cloud TPU VMs: discover the other hosts
-    try:
-      jax.distributed.initialize()
-    except (RuntimeError, ValueError):
-      pass
+  from mmdit_jax import parallel
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from mmdit_jax import sample, train
   if _MODE.value == "train":
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -75,9 +75,9 @@ def make_generate(cfg: config_lib.TrainConfig, scfg: SampleConfig, latent_shape)
   return generate
 
 
-def to_uint8(latents: np.ndarray) -> np.ndarray:
-  """Demo latents are RGB in [−1, 1]."""
-  return np.clip(np.round((np.asarray(latents) + 1) * 127.5), 0, 255).astype(np.uint8)
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [−1, 1] (decoded, or the demo's RGB latents) → uint8."""
+  return np.clip(np.round((np.asarray(images) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def save_grid(images: np.ndarray, path, cols: int = 8, scale: int = 4):
@@ -109,9 +109,41 @@ def _is_demo(cfg) -> bool:
   return not cfg.data.path
 
 
+def sd3_encoders(config_dict, cfg, mesh):
+  """(SD3TextEncoder, Autoencoder) from config.encoders, else from the paths the precompute job recorded
+  in the dataset's metadata; the context layout matches the model's."""
+  from mmdit_jax.encoders import sd3
+  enc = config_dict.get("encoders") or {}
+  t5_tokens = 77
+  if enc.get("root") or enc.get("clip_l"):
+    paths = sd3.EncoderPaths.from_config(enc)
+  else:
+    meta = data.load_metadata(cfg.data.path)
+    recorded = meta.extras.get("encoders", {})
+    if not {"clip_l", "clip_g", "vae"} <= set(recorded):
+      raise ValueError(f"{cfg.data.path} does not record SD3 encoders (it has {sorted(recorded)}): set "
+                       "config.encoders.root to a diffusers SD3 checkpoint, or pass --embeddings=FILE.npz")
+    paths = sd3.EncoderPaths(**{
+        **{r: recorded[r]["path"] if r in recorded else "" for r in ("clip_l", "clip_g", "t5", "vae")},
+        **{f"{r}_tokenizer": recorded[r]["tokenizer"] if r in recorded else "" for r in ("clip_l", "clip_g", "t5")}})
+    if enc.get("no_t5"):
+      paths = dataclasses.replace(paths, t5="", t5_tokenizer="")
+    t5_tokens = int(meta.extras.get("t5_tokens", 77))
+  text = sd3.SD3TextEncoder(paths, mesh, t5_tokens=t5_tokens, context_dim=cfg.model.context_dim)
+  if text.pooled_dim != cfg.model.pooled_dim:
+    raise ValueError(f"the encoders give pooled width {text.pooled_dim}; the model's pooled_dim is "
+                     f"{cfg.model.pooled_dim}")
+  return text, sd3.Autoencoder(paths.vae, mesh)
+
+
 def run_sample(config_dict, workdir, prompts: list[str] | None = None, embeddings: str | None = None):
-  """Writes one PNG per prompt (and a grid) under workdir/samples; returns their paths."""
+  """Writes one PNG per prompt (and a grid) under workdir/samples; returns their paths.
+
+  Prompts go through the demo encoder on the demo dataset and through the SD3 encoders otherwise (their
+  latents decoded by the VAE); `embeddings` is a .npz of precomputed ones (latents saved undecoded).
+  """
   mesh = parallel.make_mesh(tuple(config_dict.mesh.ici), tuple(config_dict.mesh.dcn))
+  autoencoder = None
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
     cfg, state = restore(config_dict, workdir, mesh)
     scfg = sample_config(config_dict)
@@ -122,31 +154,39 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
         latent_shape = tuple(int(x) for x in e["latent_shape"])
       names = [f"sample_{i:03d}" for i in range(len(context))]
     else:
-      if not _is_demo(cfg):
-        raise ValueError("--prompt needs the demo encoder (config.data.path empty) or --embeddings=FILE.npz "
-                         "with context, pooled, null_context, null_pooled and latent_shape")
-      encoder = demo.DemoTextEncoder()
-      enc = [encoder(p) for p in prompts]
-      context, pooled = np.stack([c for c, _ in enc]), np.stack([p for _, p in enc])
-      null_context, null_pooled = encoder("")
-      names = [p.replace(" ", "_")[:80] for p in prompts]
-      latent_shape = (demo.SIZE, demo.SIZE, 3)
+      if _is_demo(cfg):
+        encoder = demo.DemoTextEncoder()
+        enc = [encoder(p) for p in prompts]
+        context, pooled = np.stack([c for c, _ in enc]), np.stack([p for _, p in enc])
+        null_context, null_pooled = encoder("")
+        latent_shape = (demo.SIZE, demo.SIZE, 3)
+      else:
+        text, autoencoder = sd3_encoders(config_dict, cfg, mesh)
+        context, pooled = text(prompts)
+        null_context, null_pooled = (a[0] for a in text([""]))
+        latent_shape = (cfg.model.sample_size, cfg.model.sample_size, cfg.model.in_channels)
+      names = [f"{i:03d}_" + "".join(ch if ch.isalnum() else "_" for ch in p)[:60] for i, p in enumerate(prompts)]
     generate = jax.jit(make_generate(cfg, scfg, latent_shape))
     latents = generate(state["ema"], jnp.asarray(context, jnp.float32), jnp.asarray(pooled, jnp.float32),
                        jnp.asarray(null_context, jnp.float32), jnp.asarray(null_pooled, jnp.float32),
                        jax.random.key(scfg.seed))
   out_dir = pathlib.Path(workdir) / "samples"
   out_dir.mkdir(parents=True, exist_ok=True)
-  images = to_uint8(parallel.to_host(latents)) if latent_shape[-1] == 3 else None
-  if images is None:
-    np.save(out_dir / "latents.npy", parallel.to_host(latents))
+  latents = parallel.to_host(latents)
+  if autoencoder is not None:
+    images, scale = to_uint8(autoencoder.decode(latents)), 1
+  elif latent_shape[-1] == 3:  # the demo's "latents" are RGB images
+    images, scale = to_uint8(latents), 4
+  else:
+    np.save(out_dir / "latents.npy", latents)
     log(f"wrote {len(names)} latents to {out_dir / 'latents.npy'} (decode them with the VAE)")
     return [out_dir / "latents.npy"]
   paths = []
   for name, img in zip(names, images):
-    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(out_dir / f"{name}.png")
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(
+        out_dir / f"{name}.png")
     paths.append(out_dir / f"{name}.png")
-  save_grid(images, out_dir / "grid.png")
+  save_grid(images, out_dir / "grid.png", scale=scale)
   log(f"wrote {len(paths)} samples and grid.png to {out_dir}")
   return paths
 

@@ -9,6 +9,7 @@ slice each encoder owns, for SD3's per-encoder dropout to null (empty-prompt) em
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 
@@ -77,6 +78,31 @@ def _shardings_for(mesh, rules):
   return lambda cfg: api.param_shardings(cfg, mesh, rules)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _encode_text(cfg_l, cfg_g, cfg_t5, d, t5_tokens, params, ids_l, ids_g, ids_t5):
+  """Token ids → (context (B, 77 + t5_tokens, d), pooled); compiled once per encoder configs and shapes."""
+  h_l, p_l = api.apply(cfg_l, params["clip_l"], ids_l)
+  h_g, p_g = api.apply(cfg_g, params["clip_g"], ids_g)
+  clip = jnp.concatenate([h_l, h_g], -1)  # (B, 77, D_l + D_g)
+  clip = jnp.pad(clip, ((0, 0), (0, 0), (0, d - clip.shape[-1])))
+  if cfg_t5 is not None:
+    t5 = api.apply(cfg_t5, params["t5"], ids_t5)
+    t5 = jnp.pad(t5, ((0, 0), (0, 0), (0, d - t5.shape[-1])))
+  else:
+    t5 = jnp.zeros((clip.shape[0], t5_tokens, d), clip.dtype)
+  return jnp.concatenate([clip, t5], 1), jnp.concatenate([p_l, p_g], -1)  # (B, T, d), (B, P)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_encode(cfg, params, images, noise):
+  return vae.encode_images(cfg, params, images, noise)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(cfg, params, latents):
+  return vae.decode_latents(cfg, params, latents)
+
+
 class SD3TextEncoder:
   """Prompts → SD3 (context (B, 77 + t5_tokens, D), pooled (B, P)) with CLIP-L, bigG and T5 on a mesh."""
 
@@ -104,20 +130,6 @@ class SD3TextEncoder:
                        f"({self.cfg_t5.width if self.cfg_t5 else 'absent'}) states")
     self.pooled_dim = self.cfg_l.pooled_dim + self.cfg_g.pooled_dim
     self.paths = paths
-    self._encode = jax.jit(self._encode_ids)
-
-  def _encode_ids(self, params, ids_l, ids_g, ids_t5):
-    d = self.context_dim
-    h_l, p_l = api.apply(self.cfg_l, params["clip_l"], ids_l)
-    h_g, p_g = api.apply(self.cfg_g, params["clip_g"], ids_g)
-    clip = jnp.concatenate([h_l, h_g], -1)  # (B, 77, D_l + D_g)
-    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, d - clip.shape[-1])))
-    if self.cfg_t5 is not None:
-      t5 = api.apply(self.cfg_t5, params["t5"], ids_t5)
-      t5 = jnp.pad(t5, ((0, 0), (0, 0), (0, d - t5.shape[-1])))
-    else:
-      t5 = jnp.zeros((clip.shape[0], self.t5_tokens, d), clip.dtype)
-    return jnp.concatenate([clip, t5], 1), jnp.concatenate([p_l, p_g], -1)  # (B, T, D), (B, P)
 
   def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
     """float32 numpy (context, pooled) for a list of prompts."""
@@ -125,7 +137,8 @@ class SD3TextEncoder:
     ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
     ids_t5 = self.tok_t5(prompts) if self.cfg_t5 is not None else np.zeros((len(prompts), 1), np.int32)
     with jax.set_mesh(self.mesh):
-      context, pooled = self._encode(self.params, ids_l, ids_g, ids_t5)
+      context, pooled = _encode_text(self.cfg_l, self.cfg_g, self.cfg_t5, self.context_dim, self.t5_tokens,
+                                     self.params, *(parallel.put_batch(i, self.mesh) for i in (ids_l, ids_g, ids_t5)))
     return np.asarray(context), np.asarray(pooled)
 
   def text_encoder_slices(self) -> list[dict]:
@@ -159,17 +172,17 @@ class Autoencoder:
     self.mesh = mesh
     self.path = str(path)
     self.cfg, self.params = convert.load_vae(path, _shardings_for(mesh, rules), dtype=dtype)
-    self._encode = jax.jit(lambda p, x, key: vae.encode_images(self.cfg, p, x, key))
-    self._encode_mean = jax.jit(lambda p, x: vae.encode_images(self.cfg, p, x))
-    self._decode = jax.jit(lambda p, z: vae.decode_latents(self.cfg, p, z))
 
-  def encode(self, images, key=None):
+  def encode(self, images, noise=None) -> np.ndarray:
+    """(B, H, W, 3) in [−1, 1] → normalised latents (B, H/f, W/f, C): the posterior mean, or a sample
+    with the given standard-normal `noise`."""
     with jax.set_mesh(self.mesh):
-      return self._encode_mean(self.params, images) if key is None else self._encode(self.params, images, key)
+      noise = None if noise is None else parallel.put_batch(noise, self.mesh)
+      return np.asarray(_vae_encode(self.cfg, self.params, parallel.put_batch(images, self.mesh), noise))
 
-  def decode(self, latents):
+  def decode(self, latents) -> np.ndarray:
     with jax.set_mesh(self.mesh):
-      return self._decode(self.params, latents)
+      return np.asarray(_vae_decode(self.cfg, self.params, parallel.put_batch(latents, self.mesh)))
 
   def describe(self) -> dict:
     return {"path": self.path, "sha256": weights_sha256(self.path), "config": dataclasses.asdict(self.cfg)}

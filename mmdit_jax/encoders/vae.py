@@ -211,10 +211,11 @@ class AutoencoderKL(nnx.Module):
     return self.decode(self.encode(images)[0])
 
 
-def encode_images(cfg: VAEConfig, params, images, key=None):
-  """Images in [−1, 1] → normalised latents: the posterior mean, or a sample from it given `key`."""
+def encode_images(cfg: VAEConfig, params, images, noise=None):
+  """Images in [−1, 1] → normalised latents: the posterior mean, or mean + σ · noise given `noise`
+  (standard normal, latent-shaped; drawn by the caller so that it can be keyed per example)."""
   mean, logvar = api.apply(cfg, params, images, method="encode")
-  z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+  z = mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
   return to_latents(cfg, z)
 
 

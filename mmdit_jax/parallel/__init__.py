@@ -7,6 +7,8 @@ from mmdit_jax.parallel.mesh import (
     batch_sharding,
     data_parallel_size,
     fill_sizes,
+    initialize_distributed,
     make_mesh,
+    put_batch,
     replicated,
 )

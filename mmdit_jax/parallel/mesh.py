@@ -80,5 +80,26 @@ def batch_sharding(mesh, ndim: int = 1):
   return jax.sharding.NamedSharding(mesh, spec)
 
 
+def put_batch(x, mesh):
+  """A host array onto `mesh`: split over data × fsdp when the rows divide evenly, else replicated."""
+  x = np.asarray(x)
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  return jax.device_put(x, batch_sharding(mesh, x.ndim) if x.shape[0] % n == 0 else replicated(mesh))
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed for multi-process runs: explicit flags (CPU: gloo collectives), or discovery on
+  Cloud TPU VMs; a single process needs nothing."""
+  if coordinator_address or num_processes:
+    if jax.config.jax_platforms == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif jax.config.jax_platforms not in (None, "", "cpu"):  # Cloud TPU VMs: discover the other hosts
+    try:
+      jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:  # a single-host VM has nothing to discover
+      print(f"jax.distributed not initialised ({e}); running as a single process")
+
+
 def replicated(mesh):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

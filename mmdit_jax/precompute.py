@@ -1,0 +1,312 @@
+"""The precompute job: images + captions (or labels) → a training dataset of VAE latents and SD3 text
+embeddings, in the data pipeline's format.
+
+python -m mmdit_jax.precompute --config=configs/precompute.py:input=MANIFEST,output=DIR,root=SD3_CKPT
+
+The manifest (JSONL or CSV, image paths relative to it) is cut into fixed shards of consecutive
+examples; host p encodes shards p, p + P, … on a mesh over its own devices, so hosts never wait on each
+other. Each shard is written under a temporary name, renamed into place, then marked done by a small
+JSON file; a re-run skips done shards, so an interrupted job finishes without redoing or duplicating
+work. Once every shard is done, process 0 writes the null embeddings, bucket shapes and, last,
+metadata.json. A re-run against another manifest or config is refused (precompute_plan.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmdit_jax import parallel
+from mmdit_jax.data import records, writer
+from mmdit_jax.encoders import sd3
+from mmdit_jax.metrics import log
+
+PLAN = "precompute_plan.json"
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  image: str  # absolute path
+  caption: str | None
+  label: int | None
+
+
+def read_manifest(path, image_key="image", caption_key="caption", label_key="") -> list[Item]:
+  """Items of a JSONL or CSV manifest; errors name the file, the line and what is wrong."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"manifest {path} does not exist (expected a .jsonl or .csv file)")
+  if path.suffix not in (".jsonl", ".csv"):
+    raise ValueError(f"manifest {path}: unknown format {path.suffix!r}; valid: .jsonl, .csv")
+  with open(path, newline="") as f:
+    if path.suffix == ".csv":
+      rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]  # line 1 is the header
+    else:
+      rows = []
+      for i, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append((i, json.loads(line)))
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+  if not rows:
+    raise ValueError(f"manifest {path} has no entries")
+  text_key = label_key or caption_key
+  items, missing = [], []
+  for line, row in rows:
+    for key in (image_key, text_key):
+      if not isinstance(row, dict) or key not in row:
+        raise ValueError(f"{path}:{line}: no {key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})")
+    image = (path.parent / str(row[image_key])).resolve()
+    if not image.is_file():
+      missing.append(str(image))
+    if label_key:
+      try:
+        label, caption = int(row[label_key]), None
+      except ValueError as e:
+        raise ValueError(f"{path}:{line}: label {row[label_key]!r} is not an integer") from e
+      if label < 0:
+        raise ValueError(f"{path}:{line}: label {label} is negative")
+    else:
+      label, caption = None, str(row[caption_key])
+    items.append(Item(str(image), caption, label))
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} images listed in {path} do not exist, e.g. {missing[:5]}")
+  return items
+
+
+def target_size(width: int, height: int, resolution: int, buckets) -> tuple[int, int]:
+  """(h, w) in pixels: the square crop, or the bucket nearest in log aspect ratio."""
+  if not buckets:
+    return resolution, resolution
+  ratio = math.log(width / height)
+  return tuple(min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio)))
+
+
+def load_image(path: str, resolution: int, buckets) -> np.ndarray:
+  """(h, w, 3) float32 in [−1, 1]: resized to cover the target size, then centre-cropped."""
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im).convert("RGB")
+      h, w = target_size(im.width, im.height, resolution, buckets)
+      scale = max(h / im.height, w / im.width)
+      size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+      im = im.resize(size, Image.BICUBIC, reducing_gap=None)
+      left, top = (size[0] - w) // 2, (size[1] - h) // 2
+      im = im.crop((left, top, left + w, top + h))
+      return np.asarray(im, np.float32) / 127.5 - 1.0
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _check_config(c, downsample: int | None = None):
+  for field in ("input", "output"):
+    if not c[field]:
+      raise ValueError(f"config.{field} is empty; see configs/precompute.py for the launch commands")
+  if c.storage_dtype not in STORAGE_DTYPES:
+    raise ValueError(f"config.storage_dtype={c.storage_dtype!r}; valid: {STORAGE_DTYPES}")
+  if c.batch_size < 1 or c.examples_per_shard < 1:
+    raise ValueError("config.batch_size and config.examples_per_shard must be positive")
+  if downsample:
+    sizes = [tuple(b) for b in c.buckets] or [(c.resolution, c.resolution)]
+    bad = [s for s in sizes if s[0] % downsample or s[1] % downsample]
+    if bad:
+      raise ValueError(f"image sizes {bad} are not multiples of the VAE's downsampling factor {downsample} "
+                       "(config.resolution / config.buckets)")
+
+
+def _fingerprint(items, c) -> str:
+  h = hashlib.sha256()
+  for it in items:
+    h.update(f"{it.image}\t{it.caption}\t{it.label}\n".encode())
+  fields = ("resolution", "buckets", "t5_tokens", "encoder_dtype", "storage_dtype", "sample_latents", "seed",
+            "examples_per_shard", "label_key")
+  h.update(json.dumps({k: c[k] for k in fields}, default=list, sort_keys=True).encode())
+  h.update(json.dumps(c.encoders.to_dict(), sort_keys=True).encode())
+  return h.hexdigest()
+
+
+def _write_json(path: pathlib.Path, data):
+  tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  tmp.write_text(json.dumps(data, indent=1))
+  os.replace(tmp, path)
+
+
+def _shard_name(i: int) -> str:
+  return f"shard-{i:05d}.array_record"
+
+
+def _done_path(out: pathlib.Path, i: int) -> pathlib.Path:
+  return out / f"shard-{i:05d}.done.json"
+
+
+class _Progress:
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.perf_counter()
+
+  def update(self, n: int, what: str):
+    self.done += n
+    rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+    eta = (self.total - self.done) / rate if rate else float("inf")
+    log(f"{what}: {self.done}/{self.total} examples ({self.done / max(self.total, 1):.0%}) | "
+        f"{rate:.1f} ex/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+
+
+def _batches(indices, size):
+  for i in range(0, len(indices), size):
+    yield indices[i:i + size]
+
+
+def _pad(rows: np.ndarray, size: int) -> np.ndarray:
+  """Pads a partial batch by repeating its last row, so every batch has one compiled shape."""
+  return rows if len(rows) == size else np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
+
+
+def _encode_shard(items, start, c, autoencoder, text, dtype):
+  """Encoded examples of one shard, in manifest order."""
+  n = len(items)
+  latents: list = [None] * n
+  images = [load_image(it.image, c.resolution, c.buckets) for it in items]
+  by_size: dict = {}
+  for i, img in enumerate(images):
+    by_size.setdefault(img.shape, []).append(i)
+  f = autoencoder.cfg.downsample
+  for shape, idx in by_size.items():
+    for batch in _batches(idx, c.batch_size):
+      x = _pad(np.stack([images[i] for i in batch]), c.batch_size)
+      noise = None
+      if c.sample_latents:  # keyed by the example's global index: independent of batching, hosts, resume
+        latent_shape = (shape[0] // f, shape[1] // f, autoencoder.cfg.latent_channels)
+        noise = _pad(np.stack([np.random.default_rng((c.seed, start + i)).standard_normal(latent_shape)
+                               for i in batch]).astype(np.float32), c.batch_size)
+      z = autoencoder.encode(x, noise)
+      for j, i in enumerate(batch):
+        latents[i] = z[j].astype(dtype)
+  examples = [{"latent": z} for z in latents]
+  if text is None:
+    for ex, it in zip(examples, items):
+      ex["label"] = np.asarray(it.label, np.int32)
+    return examples
+  for batch in _batches(list(range(n)), c.batch_size):
+    prompts = [items[i].caption for i in batch]
+    context, pooled = text(prompts + [prompts[-1]] * (c.batch_size - len(prompts)))
+    for j, i in enumerate(batch):
+      examples[i]["context"], examples[i]["pooled"] = context[j].astype(dtype), pooled[j].astype(dtype)
+  return examples
+
+
+def run(c) -> records.Metadata | None:
+  """Runs (or resumes) the job of config `c`; returns the metadata once the dataset is complete, or
+  None when this call stopped early (config.halt_after_shards)."""
+  _check_config(c)
+  out = pathlib.Path(c.output)
+  if (out / records.METADATA).is_file():
+    log(f"{out} is already a complete dataset; nothing to do")
+    return records.load_metadata(out)
+  items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key)
+  shards = [(s, min(s + c.examples_per_shard, len(items))) for s in range(0, len(items), c.examples_per_shard)]
+  plan = {"fingerprint": _fingerprint(items, c), "num_examples": len(items), "shards": shards,
+          "input": str(c.input)}
+  out.mkdir(parents=True, exist_ok=True)
+  if (out / PLAN).is_file():
+    old = json.loads((out / PLAN).read_text())
+    if old["fingerprint"] != plan["fingerprint"]:
+      raise ValueError(f"{out} holds a precompute started with another manifest or config ({old['input']}); "
+                       "use a new output directory, or delete this one to start over")
+  elif jax.process_index() == 0:
+    _write_json(out / PLAN, plan)
+
+  paths = sd3.EncoderPaths.from_config(c.encoders)
+  mesh = parallel.make_mesh(tuple(c.mesh.ici), devices=jax.local_devices())
+  autoencoder = sd3.Autoencoder(paths.vae, mesh, dtype=c.encoder_dtype)
+  _check_config(c, autoencoder.cfg.downsample)
+  text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype)
+  dtype = np.dtype(jax.numpy.bfloat16) if c.storage_dtype == "bfloat16" else np.dtype(c.storage_dtype)
+
+  mine = [i for i in range(len(shards)) if i % jax.process_count() == jax.process_index()]
+  todo = [i for i in mine if not _done_path(out, i).is_file()]
+  if len(todo) < len(mine):
+    log(f"resuming: {len(mine) - len(todo)} of this host's {len(mine)} shards are already done")
+  progress = _Progress(sum(shards[i][1] - shards[i][0] for i in todo))
+  for count, i in enumerate(todo):
+    if c.halt_after_shards and count >= c.halt_after_shards:
+      log(f"halting after {count} shards (config.halt_after_shards); re-run to finish")
+      return None
+    start, end = shards[i]
+    examples = _encode_shard(items[start:end], start, c, autoencoder, text, dtype)
+    features = _features(examples[0], bucketed=bool(c.buckets))
+    n = writer.write_shard(out / _shard_name(i), features, examples)
+    _write_json(_done_path(out, i), {"count": n, "shapes": [list(e["latent"].shape) for e in examples]})
+    progress.update(n, f"shard {i + 1}/{len(shards)}")
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mmdit_jax.precompute: all shards written")
+  if jax.process_index() != 0:
+    return None
+  return _finalize(out, c, items, shards, autoencoder, text, dtype)
+
+
+def _features(example, bucketed: bool):
+  feats = []
+  for name, value in example.items():
+    shape = tuple(value.shape)
+    if name == "latent" and bucketed:
+      shape = (None, None, shape[-1])
+    feats.append(records.Feature(name, shape, str(value.dtype)))
+  return tuple(feats)
+
+
+def _finalize(out, c, items, shards, autoencoder, text, dtype):
+  done = [json.loads(_done_path(out, i).read_text()) for i in range(len(shards))]
+  shapes = [s for d in done for s in d["shapes"]]
+  example = {"latent": np.zeros(shapes[0], dtype)}
+  extras = {"name": out.name, "source": str(c.input), "latent_scale": autoencoder.cfg.scaling_factor,
+            "latent_shift": autoencoder.cfg.shift_factor, "latents_normalised": True,
+            "resolution": c.resolution, "buckets": [list(b) for b in c.buckets],
+            "sample_latents": c.sample_latents, "encoder_dtype": c.encoder_dtype,
+            "encoders": {"vae": autoencoder.describe()}}
+  null = None
+  if text is None:
+    example["label"] = np.zeros((), np.int32)
+    extras["num_classes"] = max(it.label for it in items) + 1
+  else:
+    context, pooled = text([""])
+    null = {"context": context[0].astype(dtype), "pooled": pooled[0].astype(dtype)}
+    example.update(null)
+    extras["encoders"].update(text.describe())
+    extras["text_encoders"] = text.text_encoder_slices()
+    extras["t5_tokens"] = c.t5_tokens
+  meta = writer.finalize(out, _features(example, bool(c.buckets)),
+                         [(_shard_name(i), d["count"]) for i, d in enumerate(done)], extras, null,
+                         shapes if c.buckets else None)
+  log(f"wrote {meta.num_examples} examples in {len(shards)} shards to {out}")
+  return meta
+
+
+def main(argv):
+  del argv
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/precompute.py[:arg]")
+  _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+  _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
