@@ -25,8 +25,9 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, input="", output="", root="", resolution=256)
   c = ml_collections.ConfigDict()
-  c.input = args.input  # manifest .jsonl / .csv; image paths relative to its directory
+  c.input = args.input  # manifest .jsonl / .csv (image paths relative to it), or "tfds:NAME[:SPLIT]"
   c.output = args.output  # dataset directory to create (or resume)
+  c.tfds_data_dir = ""  # for input "tfds:NAME[:SPLIT]" (prepared with file_format=array_record)
   c.image_key = "image"
   c.caption_key = "caption"
   c.label_key = ""  # class-conditional: read integer labels from this column instead of captions

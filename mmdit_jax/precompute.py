@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,9 +38,42 @@ STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  image: str  # absolute path
+  image: object  # absolute path, encoded image bytes, or a (h, w, 3) uint8 array
   caption: str | None
   label: int | None
+
+
+class TfdsItems:
+  """The examples of a prepared (array_record) TFDS split as Items, read lazily by index."""
+
+  def __init__(self, spec: str, data_dir: str, image_key: str, caption_key: str, label_key: str):
+    import tensorflow_datasets as tfds
+    from mmdit_jax.data import tfds_source
+    name, split = tfds_source.parse(spec)
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises several types for a missing or unprepared dataset
+      raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
+                              f"data_dir {data_dir!r} ({type(e).__name__}: {e})") from e
+    keys = list(self.source.dataset_info.features)
+    for key in (image_key, label_key or caption_key):
+      if key not in keys:
+        raise ValueError(f"{spec}: no feature {key!r}; features: {keys}")
+    self.keys = (image_key, caption_key, label_key)
+    self.id = f"{spec}@{data_dir}:{len(self.source)}"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    raw = self.source[int(index)]
+    image_key, caption_key, label_key = self.keys
+    if label_key:
+      return Item(raw[image_key], None, int(raw[label_key]))
+    caption = raw[caption_key]
+    return Item(raw[image_key], caption.decode() if isinstance(caption, bytes) else str(caption), None)
 
 
 def read_manifest(path, image_key="image", caption_key="caption", label_key="") -> list[Item]:
@@ -94,10 +128,21 @@ def target_size(width: int, height: int, resolution: int, buckets) -> tuple[int,
   return tuple(min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio)))
 
 
-def load_image(path: str, resolution: int, buckets) -> np.ndarray:
-  """(h, w, 3) float32 in [−1, 1]: resized to cover the target size, then centre-cropped."""
+def _open(image):
+  if isinstance(image, (bytes, np.bytes_)):
+    return Image.open(io.BytesIO(image))
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(image.astype(np.uint8))
+  return Image.open(image)
+
+
+def load_image(image, resolution: int, buckets) -> np.ndarray:
+  """(h, w, 3) float32 in [−1, 1]: resized to cover the target size, then centre-cropped.
+
+  `image` is a file path, encoded bytes or a uint8 array (a TFDS feature)."""
+  where = image if isinstance(image, str) else f"<{type(image).__name__}>"
   try:
-    with Image.open(path) as im:
+    with _open(image) as im:
       im = ImageOps.exif_transpose(im).convert("RGB")
       h, w = target_size(im.width, im.height, resolution, buckets)
       scale = max(h / im.height, w / im.width)
@@ -106,8 +151,8 @@ def load_image(path: str, resolution: int, buckets) -> np.ndarray:
       left, top = (size[0] - w) // 2, (size[1] - h) // 2
       im = im.crop((left, top, left + w, top + h))
       return np.asarray(im, np.float32) / 127.5 - 1.0
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"cannot read image {where}: {e}") from e
 
 
 def _check_config(c, downsample: int | None = None):
@@ -126,15 +171,23 @@ def _check_config(c, downsample: int | None = None):
                        "(config.resolution / config.buckets)")
 
 
-def _fingerprint(items, c) -> str:
-  h = hashlib.sha256()
-  for it in items:
-    h.update(f"{it.image}\t{it.caption}\t{it.label}\n".encode())
+def _fingerprint(source_id: str, c) -> str:
+  h = hashlib.sha256(source_id.encode())
   fields = ("resolution", "buckets", "t5_tokens", "encoder_dtype", "storage_dtype", "sample_latents", "seed",
-            "examples_per_shard", "label_key")
+            "examples_per_shard", "image_key", "caption_key", "label_key")
   h.update(json.dumps({k: c[k] for k in fields}, default=list, sort_keys=True).encode())
   h.update(json.dumps(c.encoders.to_dict(), sort_keys=True).encode())
   return h.hexdigest()
+
+
+def read_source(c):
+  """(items, source id): a manifest's Items, or a lazy view of a TFDS split (input "tfds:NAME[:SPLIT]")."""
+  if str(c.input).startswith("tfds:"):
+    items = TfdsItems(c.input, c.get("tfds_data_dir", ""), c.image_key, c.caption_key, c.label_key)
+    return items, items.id
+  items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key)
+  manifest = pathlib.Path(c.input).resolve()
+  return items, f"{manifest}:{hashlib.sha256(manifest.read_bytes()).hexdigest()}"
 
 
 def _write_json(path: pathlib.Path, data):
@@ -206,17 +259,21 @@ def _encode_shard(items, start, c, autoencoder, text, dtype):
   return examples
 
 
-def run(c) -> records.Metadata | None:
+def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
   """Runs (or resumes) the job of config `c`; returns the metadata once the dataset is complete, or
-  None when this call stopped early (config.halt_after_shards)."""
+  None when this call stopped early (config.halt_after_shards) or is not process 0.
+
+  `process` = (index, count) overrides jax's process index and count (to run hosts' shares one by one).
+  """
+  index, count = process or (jax.process_index(), jax.process_count())
   _check_config(c)
   out = pathlib.Path(c.output)
   if (out / records.METADATA).is_file():
     log(f"{out} is already a complete dataset; nothing to do")
     return records.load_metadata(out)
-  items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key)
+  items, source_id = read_source(c)
   shards = [(s, min(s + c.examples_per_shard, len(items))) for s in range(0, len(items), c.examples_per_shard)]
-  plan = {"fingerprint": _fingerprint(items, c), "num_examples": len(items), "shards": shards,
+  plan = {"fingerprint": _fingerprint(source_id, c), "num_examples": len(items), "shards": shards,
           "input": str(c.input)}
   out.mkdir(parents=True, exist_ok=True)
   if (out / PLAN).is_file():
@@ -224,7 +281,7 @@ def run(c) -> records.Metadata | None:
     if old["fingerprint"] != plan["fingerprint"]:
       raise ValueError(f"{out} holds a precompute started with another manifest or config ({old['input']}); "
                        "use a new output directory, or delete this one to start over")
-  elif jax.process_index() == 0:
+  elif index == 0:
     _write_json(out / PLAN, plan)
 
   paths = sd3.EncoderPaths.from_config(c.encoders)
@@ -234,7 +291,7 @@ def run(c) -> records.Metadata | None:
   text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype)
   dtype = np.dtype(jax.numpy.bfloat16) if c.storage_dtype == "bfloat16" else np.dtype(c.storage_dtype)
 
-  mine = [i for i in range(len(shards)) if i % jax.process_count() == jax.process_index()]
+  mine = [i for i in range(len(shards)) if i % count == index]
   todo = [i for i in mine if not _done_path(out, i).is_file()]
   if len(todo) < len(mine):
     log(f"resuming: {len(mine) - len(todo)} of this host's {len(mine)} shards are already done")
@@ -247,15 +304,22 @@ def run(c) -> records.Metadata | None:
     examples = _encode_shard(items[start:end], start, c, autoencoder, text, dtype)
     features = _features(examples[0], bucketed=bool(c.buckets))
     n = writer.write_shard(out / _shard_name(i), features, examples)
-    _write_json(_done_path(out, i), {"count": n, "shapes": [list(e["latent"].shape) for e in examples]})
+    done = {"count": n, "shapes": [list(e["latent"].shape) for e in examples]}
+    if c.label_key:
+      done["max_label"] = max(int(e["label"]) for e in examples)
+    _write_json(_done_path(out, i), done)
     progress.update(n, f"shard {i + 1}/{len(shards)}")
 
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("mmdit_jax.precompute: all shards written")
-  if jax.process_index() != 0:
+  if index != 0:
     return None
-  return _finalize(out, c, items, shards, autoencoder, text, dtype)
+  missing = [i for i in range(len(shards)) if not _done_path(out, i).is_file()]
+  if missing:
+    raise RuntimeError(f"{out}: shards {missing[:10]} of {len(shards)} are not done (other hosts still "
+                       "running or failed); re-run the job to finish them")
+  return _finalize(out, c, shards, autoencoder, text, dtype)
 
 
 def _features(example, bucketed: bool):
@@ -268,11 +332,11 @@ def _features(example, bucketed: bool):
   return tuple(feats)
 
 
-def _finalize(out, c, items, shards, autoencoder, text, dtype):
+def _finalize(out, c, shards, autoencoder, text, dtype):
   done = [json.loads(_done_path(out, i).read_text()) for i in range(len(shards))]
   shapes = [s for d in done for s in d["shapes"]]
   example = {"latent": np.zeros(shapes[0], dtype)}
-  extras = {"name": out.name, "source": str(c.input), "latent_scale": autoencoder.cfg.scaling_factor,
+  extras = {"name": out.name, "source": str(c.input), "source_fingerprint": json.loads((out / PLAN).read_text())["fingerprint"], "latent_scale": autoencoder.cfg.scaling_factor,
             "latent_shift": autoencoder.cfg.shift_factor, "latents_normalised": True,
             "resolution": c.resolution, "buckets": [list(b) for b in c.buckets],
             "sample_latents": c.sample_latents, "encoder_dtype": c.encoder_dtype,
@@ -280,7 +344,7 @@ def _finalize(out, c, items, shards, autoencoder, text, dtype):
   null = None
   if text is None:
     example["label"] = np.zeros((), np.int32)
-    extras["num_classes"] = max(it.label for it in items) + 1
+    extras["num_classes"] = max(d["max_label"] for d in done) + 1
   else:
     context, pooled = text([""])
     null = {"context": context[0].astype(dtype), "pooled": pooled[0].astype(dtype)}

@@ -94,7 +94,9 @@ def test_buckets_and_labels(tmp_path, sd3_root):
   c = precompute_config.get_config(f"input={tmp_path / 'labels.csv'},output={tmp_path / 'out'},root={sd3_root}")
   c.label_key, c.batch_size, c.examples_per_shard = "label", 2, 4
   c.buckets = ((16, 16), (8, 24))
-  meta = precompute.run(c)
+  assert precompute.run(c, process=(1, 2)) is None  # host 1 of 2 encodes shard 1 only
+  assert sorted(p.name for p in (tmp_path / "out").glob("*.done.json")) == ["shard-00001.done.json"]
+  meta = precompute.run(c, process=(0, 2))  # host 0: shard 0, then the metadata
   assert meta.feature("latent").shape == (None, None, 16) and meta.extras["num_classes"] == 3
   assert "text_encoders" not in meta.extras
   shapes = np.load(tmp_path / "out" / "shapes.npy")
@@ -103,6 +105,43 @@ def test_buckets_and_labels(tmp_path, sd3_root):
   for step in range(3):
     batch = ds.load_batch(step, 0, 1)
     assert batch["latent"].shape[1:] in ((8, 8, 16), (4, 12, 16)) and batch["label"].dtype == np.int32
+
+
+def test_tfds_input(tmp_path, sd3_root):
+  """A TFDS split (array_record, prepared without TensorFlow) with uint8 image arrays and captions."""
+  import tensorflow_datasets as tfds
+
+  class TinyPictures(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "pixels": tfds.features.Tensor(shape=(20, 30, 3), dtype=np.uint8),
+          "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        yield i, {"pixels": np.full((20, 30, 3), 40 * i, np.uint8), "text": f"a photo of {i} cats"}
+
+  TinyPictures(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  c = precompute_config.get_config(f"input=tfds:tiny_pictures:train,output={tmp_path / 'out'},root={sd3_root},"
+                                   "resolution=16")
+  c.tfds_data_dir, c.image_key, c.caption_key, c.batch_size = str(tmp_path), "pixels", "text", 4
+  meta = precompute.run(c)
+  assert meta.num_examples == 3 and meta.feature("latent").shape == (8, 8, 16)
+  assert meta.feature("context").shape == (154, 80)
+  c.image_key = "image"
+  with pytest.raises(ValueError, match=r"no feature 'image'; features: \['pixels', 'text'\]"):
+    precompute.run(_with(c, output=str(tmp_path / "out2")))
+
+
+def _with(c, **kw):
+  c = c.copy_and_resolve_references()
+  c.update(kw)
+  return c
 
 
 def test_manifest_errors(tmp_path):
