@@ -12,7 +12,7 @@ from PIL import Image
 from configs import precompute as precompute_config
 from mmdit_jax import data, parallel, precompute, sample, train
 from mmdit_jax.data import demo
-from tests.encoders import tiny
+from mmdit_jax.encoders import torch_reference as tiny
 from tests.train_test import _config
 
 N = 24

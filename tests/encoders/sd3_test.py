@@ -7,7 +7,7 @@ import pytest
 from mmdit_jax import parallel
 from mmdit_jax.encoders import sd3
 from mmdit_jax.encoders.tokenizer import Tokenizer
-from tests.encoders import tiny
+from mmdit_jax.encoders import torch_reference as tiny
 
 
 def test_tokenizers_from_local_files(tmp_path):

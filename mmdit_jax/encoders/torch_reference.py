@@ -1,6 +1,7 @@
-"""Builds a tiny randomly initialised SD3 encoder checkpoint in the diffusers layout (text_encoder,
-text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3, vae) with the PyTorch references,
-for tests that need real files: converters, conditioning, the precompute job, sampling from prompts."""
+"""Randomly initialised SD3 encoder checkpoints in the diffusers layout (text_encoder, text_encoder_2,
+text_encoder_3, tokenizer, tokenizer_2, tokenizer_3, vae), written by the PyTorch reference libraries
+(transformers, diffusers and torch: the `test` extra). Tests and benchmarks use them where real weights
+cannot be downloaded; the package itself never imports this module."""
 
 import json
 import pathlib
@@ -60,7 +61,10 @@ def write_t5_tokenizer(path):
                                extra_ids=0).save_pretrained(str(path))
 
 
-def write_sd3_encoders(root, *, vae_blocks=(8, 16)) -> pathlib.Path:
+def write_sd3_encoders(root, *, widths=None, depth: int = 2, vae_blocks=(8, 16), vae_groups: int = 4,
+                       vae_layers: int = 1) -> pathlib.Path:
+  """Writes the checkpoint under `root`; `widths` = {clip_l, clip_g, t5} (default WIDTHS, tiny)."""
+  widths = {**WIDTHS, **(widths or {})}
   import torch
   import transformers
   from diffusers import AutoencoderKL
@@ -69,17 +73,20 @@ def write_sd3_encoders(root, *, vae_blocks=(8, 16)) -> pathlib.Path:
   vocab_l = write_clip_tokenizer(root / "tokenizer")
   write_clip_tokenizer(root / "tokenizer_2", pad="!")  # bigG pads with "!", as SD3's tokenizer_2 does
   write_t5_tokenizer(root / "tokenizer_3")
-  for sub, width, act in (("text_encoder", WIDTHS["clip_l"], "quick_gelu"), ("text_encoder_2", WIDTHS["clip_g"], "gelu")):
+  for sub, width, act in (("text_encoder", widths["clip_l"], "quick_gelu"),
+                          ("text_encoder_2", widths["clip_g"], "gelu")):
     cfg = transformers.CLIPTextConfig(
-        vocab_size=len(vocab_l), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        vocab_size=len(vocab_l), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
         num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=width,
         bos_token_id=len(vocab_l) - 2, eos_token_id=len(vocab_l) - 1, pad_token_id=len(vocab_l) - 1)
     transformers.CLIPTextModelWithProjection(cfg).save_pretrained(root / sub)
   transformers.T5EncoderModel(transformers.T5Config(
-      vocab_size=64, d_model=WIDTHS["t5"], d_kv=16, num_heads=4, d_ff=96, num_layers=2,
+      vocab_size=64, d_model=widths["t5"], d_kv=16, num_heads=widths["t5"] // 16, d_ff=2 * widths["t5"],
+      num_layers=depth,
       feed_forward_proj="gated-gelu")).save_pretrained(root / "text_encoder_3")
   AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
                 up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), block_out_channels=vae_blocks,
-                layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                layers_per_block=vae_layers, latent_channels=16, norm_num_groups=vae_groups, sample_size=32,
+                use_quant_conv=False,
                 use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(root / "vae")
   return root
