@@ -21,9 +21,10 @@ from mmdit_jax.model.mmdit import MMDiT, MMDiTConfig
 def model_classes() -> dict:
   """Config type → NNX module: the backbones and the frozen encoders (imported here, not at the top,
   because the encoders build on model.layers)."""
-  from mmdit_jax.encoders import clip, t5, vae
+  from mmdit_jax.encoders import clip, inception, t5, vae
   return {MMDiTConfig: MMDiT, DiTConfig: DiT, clip.CLIPTextConfig: clip.CLIPText,
-          t5.T5Config: t5.T5Encoder, vae.VAEConfig: vae.AutoencoderKL}
+          t5.T5Config: t5.T5Encoder, vae.VAEConfig: vae.AutoencoderKL,
+          inception.InceptionConfig: inception.FIDInception}
 
 
 def _model_class(config):
