@@ -81,6 +81,12 @@ def base_config():
   c.sample.threshold = "none"  # none | static | dynamic (Imagen)
   c.sample.percentile = 0.995
   c.sample.seed = 0
+  c.sample_every = 0  # sample evaluation during training every k steps and at the end (0: off)
+  c.eval = ml_collections.ConfigDict()  # sample evaluation (mmdit_jax.config.EvalConfig)
+  c.eval.num_samples = 64
+  c.eval.fid_network = "demo"  # demo | inception | none
+  c.eval.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth (or .safetensors) for "inception"
+  c.eval.clip_score = ""  # 'package.module:factory' returning (embed_images, embed_texts)
   c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
   c.halt_at_step = 0  # testing aid: checkpoint and exit at this step as if preempted (0: off)
   return c

@@ -61,6 +61,7 @@ class TrainConfig:
   eval_every: int
   eval_batches: int
   halt_at_step: int
+  sample_every: int = 0  # sample evaluation (grid, FID, demo accuracy) every k steps and at the end; 0: off
 
 
 def _field(where, value, valid):
@@ -91,6 +92,47 @@ def _model_config(c):
     raise ValueError(f"config.model: {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  sampler: str = "euler"  # key of flow.samplers.SAMPLERS
+  steps: int = 28
+  guidance: float = 4.0  # classifier-free guidance scale (1 = none)
+  guidance_interval: tuple[float, float] = (0.0, 1.0)
+  threshold: str = "none"  # none | static | dynamic
+  percentile: float = 0.995
+  seed: int = 0
+
+
+def sample_config(c) -> SampleConfig:
+  s = c.get("sample", {})
+  cfg = SampleConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(s).items()})
+  if cfg.sampler not in flow.samplers.SAMPLERS:
+    raise ValueError(f"config.sample.sampler={cfg.sampler!r}; valid: {sorted(flow.samplers.SAMPLERS)}")
+  if cfg.threshold not in flow.samplers.THRESHOLDS:
+    raise ValueError(f"config.sample.threshold={cfg.threshold!r}; valid: {sorted(flow.samplers.THRESHOLDS)}")
+  return cfg
+
+
+FID_NETWORKS = ("demo", "inception", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_samples: int = 64  # samples per evaluation (grid, accuracy, FID, CLIP score)
+  fid_network: str = "demo"  # demo | inception | none (mmdit_jax.fid)
+  inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth or its .safetensors
+  clip_score: str = ""  # hook 'package.module:factory' → (embed_images, embed_texts); '' → off
+
+
+def eval_config(c) -> EvalConfig:
+  cfg = EvalConfig(**dict(c.get("eval", {})))
+  if cfg.fid_network not in FID_NETWORKS:
+    raise ValueError(f"config.eval.fid_network={cfg.fid_network!r}; valid: {FID_NETWORKS}")
+  if cfg.num_samples < 2:
+    raise ValueError(f"config.eval.num_samples must be at least 2, got {cfg.num_samples}")
+  return cfg
+
+
 def from_config_dict(c) -> TrainConfig:
   try:
     formulation = flow.parse_formulation(c.formulation, shift=float(c.shift))
@@ -105,6 +147,9 @@ def from_config_dict(c) -> TrainConfig:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {c.ema_decay}")
   if c.total_steps <= 0:
     raise ValueError(f"config.total_steps must be positive, got {c.total_steps}")
+  sample_config(c), eval_config(c)  # validated here, before anything runs
+  if c.get("sample_every", 0) < 0:
+    raise ValueError(f"config.sample_every must be >= 0, got {c.sample_every}")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
     if c[name] <= 0:
       raise ValueError(f"config.{name} must be positive, got {c[name]}")
@@ -113,7 +158,8 @@ def from_config_dict(c) -> TrainConfig:
       data=data, optim=optim, ema_decay=float(c.ema_decay), max_nonfinite_steps=int(c.max_nonfinite_steps),
       mesh_ici=tuple(c.mesh.ici), mesh_dcn=tuple(c.mesh.dcn), log_every=int(c.log_every),
       checkpoint_every=int(c.checkpoint_every), keep_checkpoints=int(c.keep_checkpoints),
-      eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), halt_at_step=int(c.halt_at_step))
+      eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), halt_at_step=int(c.halt_at_step),
+      sample_every=int(c.get("sample_every", 0)))
 
 
 def check_mesh_and_batch(cfg: TrainConfig, devices=None):

@@ -58,6 +58,12 @@ class MetricWriter:
     self.jsonl.flush()
     self.tb.flush()
 
+  def write_image(self, step: int, name: str, image: np.ndarray):
+    """An (H, W, 3) uint8 image (a sample grid) into TensorBoard."""
+    if self.active:
+      self.tb.add_image(name, np.asarray(image), step, dataformats="HWC")
+      self.tb.flush()
+
   def close(self):
     if self.active:
       self.tb.close()

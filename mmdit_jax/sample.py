@@ -1,8 +1,9 @@
-"""Sampling from a trained model and the evaluation run: restore a checkpoint (any mesh), measure
-validation loss, draw sample grids as PNG, and on the demo dataset score compositional accuracy.
+"""Sampling from a trained model and the evaluation run, restoring a checkpoint onto any mesh.
 
-`--mode=sample`: prompts (demo encoder) or a .npz of precomputed embeddings in, PNG files out.
-`--mode=eval`: validation loss (EMA and raw) + samples + compositional accuracy → eval.json, TensorBoard.
+`--mode=sample`: prompts (the demo encoder on the demo dataset, the SD3 encoders + VAE otherwise) or a
+.npz of precomputed embeddings in, PNG files out.
+`--mode=eval`: validation loss (EMA and raw) + sample evaluation (evaluate.SampleEvaluator: grid, FID,
+CLIP score, demo compositional accuracy) → eval.json and TensorBoard.
 """
 
 from __future__ import annotations
@@ -18,77 +19,11 @@ from flax import nnx
 from PIL import Image
 
 from mmdit_jax import config as config_lib
-from mmdit_jax import data, evaluate, model, parallel
+from mmdit_jax import data, evaluate, parallel
 from mmdit_jax.checkpoint import Checkpointer
 from mmdit_jax.data import demo
-from mmdit_jax.flow import samplers
 from mmdit_jax.metrics import MetricWriter, log
 from mmdit_jax.train_step import make_optimizer, state_shardings
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-  sampler: str = "euler"  # key of flow.samplers.SAMPLERS
-  steps: int = 28
-  guidance: float = 4.0  # classifier-free guidance scale (1 = none)
-  guidance_interval: tuple[float, float] = (0.0, 1.0)
-  threshold: str = "none"  # none | static | dynamic
-  percentile: float = 0.995
-  seed: int = 0
-
-
-def sample_config(c) -> SampleConfig:
-  s = c.get("sample", {})
-  cfg = SampleConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(s).items()})
-  if cfg.sampler not in samplers.SAMPLERS:
-    raise ValueError(f"config.sample.sampler={cfg.sampler!r}; valid: {sorted(samplers.SAMPLERS)}")
-  if cfg.threshold not in samplers.THRESHOLDS:
-    raise ValueError(f"config.sample.threshold={cfg.threshold!r}; valid: {sorted(samplers.THRESHOLDS)}")
-  return cfg
-
-
-def make_generate(cfg: config_lib.TrainConfig, scfg: SampleConfig, latent_shape):
-  """jit-able (params, context, pooled, null_context, null_pooled, key) → latents (B, h, w, C)."""
-  f = cfg.formulation
-  process = f.path
-  ts = (samplers.log_snr_grid(process, scfg.steps, samplers.t_max(process)) if f.is_edm
-        else samplers.timestep_grid(scfg.steps, shift=f.shift))
-
-  def generate(params, context, pooled, null_context, null_pooled, key):
-    b = context.shape[0]
-
-    def net(z, t, guided):
-      zin = f.model_input(z, t)
-      if not guided:
-        return model.apply(cfg.model, params, zin, t, context, pooled)
-      both = model.apply(cfg.model, params, jnp.concatenate([zin, zin]), jnp.concatenate([t, t]),
-                         jnp.concatenate([context, jnp.broadcast_to(null_context, context.shape)]),
-                         jnp.concatenate([pooled, jnp.broadcast_to(null_pooled, pooled.shape)]))
-      return both[:b], both[b:]
-
-    denoise = samplers.make_denoiser(process, f.prediction, net, guidance_scale=scfg.guidance,
-                                     guidance_interval=scfg.guidance_interval, threshold=scfg.threshold,
-                                     percentile=scfg.percentile, num_steps=scfg.steps)
-    noise = jax.random.normal(key, (b, *latent_shape))
-    return samplers.sample(scfg.sampler, process, denoise, noise, ts)
-
-  return generate
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Images in [−1, 1] (decoded, or the demo's RGB latents) → uint8."""
-  return np.clip(np.round((np.asarray(images) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def save_grid(images: np.ndarray, path, cols: int = 8, scale: int = 4):
-  """A PNG grid of (N, h, w, 3) uint8 images, each upscaled `scale`× (nearest) for viewing."""
-  n, h, w, _ = images.shape
-  rows = -(-n // cols)
-  grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
-  Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def restore(config_dict, workdir, mesh):
@@ -109,26 +44,43 @@ def _is_demo(cfg) -> bool:
   return not cfg.data.path
 
 
-def sd3_encoders(config_dict, cfg, mesh):
-  """(SD3TextEncoder, Autoencoder) from config.encoders, else from the paths the precompute job recorded
-  in the dataset's metadata; the context layout matches the model's."""
+def _recorded_paths(config_dict, cfg):
+  """(EncoderPaths, t5 tokens) from config.encoders, else from the paths the precompute job recorded in
+  the dataset's metadata; None when neither names them."""
   from mmdit_jax.encoders import sd3
   enc = config_dict.get("encoders") or {}
-  t5_tokens = 77
   if enc.get("root") or enc.get("clip_l"):
-    paths = sd3.EncoderPaths.from_config(enc)
-  else:
-    meta = data.load_metadata(cfg.data.path)
-    recorded = meta.extras.get("encoders", {})
-    if not {"clip_l", "clip_g", "vae"} <= set(recorded):
-      raise ValueError(f"{cfg.data.path} does not record SD3 encoders (it has {sorted(recorded)}): set "
-                       "config.encoders.root to a diffusers SD3 checkpoint, or pass --embeddings=FILE.npz")
-    paths = sd3.EncoderPaths(**{
-        **{r: recorded[r]["path"] if r in recorded else "" for r in ("clip_l", "clip_g", "t5", "vae")},
-        **{f"{r}_tokenizer": recorded[r]["tokenizer"] if r in recorded else "" for r in ("clip_l", "clip_g", "t5")}})
-    if enc.get("no_t5"):
-      paths = dataclasses.replace(paths, t5="", t5_tokenizer="")
-    t5_tokens = int(meta.extras.get("t5_tokens", 77))
+    return sd3.EncoderPaths.from_config(enc), 77
+  if not cfg.data.path or cfg.data.path.startswith("tfds:"):
+    return None
+  meta = data.load_metadata(cfg.data.path)
+  recorded = meta.extras.get("encoders", {})
+  if not isinstance(recorded, dict) or "vae" not in recorded:
+    return None
+  get = lambda role, key: recorded[role][key] if role in recorded else ""
+  paths = sd3.EncoderPaths(
+      **{r: get(r, "path") for r in ("clip_l", "clip_g", "t5", "vae")},
+      **{f"{r}_tokenizer": get(r, "tokenizer") for r in ("clip_l", "clip_g", "t5")})
+  if enc.get("no_t5"):
+    paths = dataclasses.replace(paths, t5="", t5_tokenizer="")
+  return paths, int(meta.extras.get("t5_tokens", 77))
+
+
+def autoencoder_for(config_dict, cfg, mesh):
+  """The VAE of the dataset (or config.encoders), to turn latents into images; None if unknown."""
+  from mmdit_jax.encoders import sd3
+  found = _recorded_paths(config_dict, cfg)
+  return None if found is None or not found[0].vae else sd3.Autoencoder(found[0].vae, mesh)
+
+
+def sd3_encoders(config_dict, cfg, mesh):
+  """(SD3TextEncoder, Autoencoder) laid out for the model's context width."""
+  from mmdit_jax.encoders import sd3
+  found = _recorded_paths(config_dict, cfg)
+  if found is None or not found[0].clip_l:
+    raise ValueError(f"{cfg.data.path or 'the dataset'} does not record SD3 encoders: set config.encoders.root to "
+                     "a diffusers SD3 checkpoint, or pass --embeddings=FILE.npz")
+  paths, t5_tokens = found
   text = sd3.SD3TextEncoder(paths, mesh, t5_tokens=t5_tokens, context_dim=cfg.model.context_dim)
   if text.pooled_dim != cfg.model.pooled_dim:
     raise ValueError(f"the encoders give pooled width {text.pooled_dim}; the model's pooled_dim is "
@@ -146,7 +98,7 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
   autoencoder = None
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
     cfg, state = restore(config_dict, workdir, mesh)
-    scfg = sample_config(config_dict)
+    scfg = config_lib.sample_config(config_dict)
     if embeddings:
       with np.load(embeddings) as e:
         context, pooled = e["context"], e["pooled"]
@@ -166,7 +118,7 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
         null_context, null_pooled = (a[0] for a in text([""]))
         latent_shape = (cfg.model.sample_size, cfg.model.sample_size, cfg.model.in_channels)
       names = [f"{i:03d}_" + "".join(ch if ch.isalnum() else "_" for ch in p)[:60] for i, p in enumerate(prompts)]
-    generate = jax.jit(make_generate(cfg, scfg, latent_shape))
+    generate = jax.jit(evaluate.make_generate(cfg, scfg, latent_shape))
     latents = generate(state["ema"], jnp.asarray(context, jnp.float32), jnp.asarray(pooled, jnp.float32),
                        jnp.asarray(null_context, jnp.float32), jnp.asarray(null_pooled, jnp.float32),
                        jax.random.key(scfg.seed))
@@ -174,9 +126,9 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
   out_dir.mkdir(parents=True, exist_ok=True)
   latents = parallel.to_host(latents)
   if autoencoder is not None:
-    images, scale = to_uint8(autoencoder.decode(latents)), 1
+    images, scale = evaluate.to_uint8(autoencoder.decode(latents)), 1
   elif latent_shape[-1] == 3:  # the demo's "latents" are RGB images
-    images, scale = to_uint8(latents), 4
+    images, scale = evaluate.to_uint8(latents), 4
   else:
     np.save(out_dir / "latents.npy", latents)
     log(f"wrote {len(names)} latents to {out_dir / 'latents.npy'} (decode them with the VAE)")
@@ -186,52 +138,38 @@ def run_sample(config_dict, workdir, prompts: list[str] | None = None, embedding
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(
         out_dir / f"{name}.png")
     paths.append(out_dir / f"{name}.png")
-  save_grid(images, out_dir / "grid.png", scale=scale)
+  evaluate.save_grid(images, out_dir / "grid.png", scale=scale)
   log(f"wrote {len(paths)} samples and grid.png to {out_dir}")
   return paths
 
 
-def run_eval(config_dict, workdir, num_samples: int = 64) -> dict:
-  """Validation loss for EMA and raw weights; on the demo, samples for held-out captions and their
-  compositional accuracy beside the chance level (the same images scored against shuffled captions)."""
+def run_eval(config_dict, workdir) -> dict:
+  """Validation loss for EMA and raw weights, and sample evaluation of the EMA weights (grid, FID, CLIP
+  score, demo compositional accuracy beside chance) → eval.json and TensorBoard."""
   mesh = parallel.make_mesh(tuple(config_dict.mesh.ici), tuple(config_dict.mesh.dcn))
   results = {}
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
     cfg, state = restore(config_dict, workdir, mesh)
-    val_path = cfg.data.val_path or (demo.ensure_demo("validation") if _is_demo(cfg) else cfg.data.path)
-    val_set = data.Dataset(data.PipelineConfig(val_path, cfg.data.global_batch_size, shuffle=False,
-                                               text_dropout=(), num_threads=2,
-                                               tfds_data_dir=cfg.data.tfds_data_dir))
+    val_set = evaluation_set(cfg)
     for name in ("ema", "raw"):
       params = state["ema" if name == "ema" else "params"]
       for k, v in evaluate.validation_loss(cfg, params, val_set, mesh, cfg.eval_batches).items():
         results[k.replace("val/", f"val_{name}/")] = v
     step = int(jax.device_get(state["step"]))
-    if _is_demo(cfg):
-      rng = np.random.default_rng(12345)
-      captions = [demo.caption(demo.random_scene(rng)) for _ in range(num_samples)]
-      encoder = demo.DemoTextEncoder()
-      enc = [encoder(c) for c in captions]
-      null_c, null_p = encoder("")
-      scfg = sample_config(config_dict)
-      generate = jax.jit(make_generate(cfg, scfg, (demo.SIZE, demo.SIZE, 3)))
-      latents = generate(state["ema"], jnp.asarray(np.stack([c for c, _ in enc]), jnp.float32),
-                         jnp.asarray(np.stack([p for _, p in enc]), jnp.float32),
-                         jnp.asarray(null_c, jnp.float32), jnp.asarray(null_p, jnp.float32),
-                         jax.random.key(scfg.seed))
-      images = np.asarray(parallel.to_host(latents))
-      acc = demo.compositional_accuracy(images, captions)
-      chance = demo.compositional_accuracy(images, captions[1:] + captions[:1])
-      results.update({f"demo/accuracy_{k}": v for k, v in acc.items()})
-      results.update({f"demo/chance_{k}": v for k, v in chance.items()})
-      out = pathlib.Path(workdir) / "samples"
-      out.mkdir(parents=True, exist_ok=True)
-      save_grid(to_uint8(images), out / f"eval_step{step}.png")
-      (out / f"eval_step{step}_captions.txt").write_text("\n".join(captions))
-  writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir)
+    evaluator = evaluate.SampleEvaluator(cfg, config_lib.sample_config(config_dict), config_lib.eval_config(config_dict),
+                                         val_set, mesh, workdir, autoencoder_for(config_dict, cfg, mesh))
+    results.update(evaluator(state["ema"], step, writer))
   writer.write(step, results)
   writer.close()
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / "eval.json").write_text(json.dumps({"step": step, **results}, indent=1))
   log(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if "_t0" not in k))
   return results
+
+
+def evaluation_set(cfg):
+  """The held-out dataset: config.data.val_path, the demo's validation split, or the training data."""
+  val_path = cfg.data.val_path or (demo.ensure_demo("validation") if _is_demo(cfg) else cfg.data.path)
+  return data.Dataset(data.PipelineConfig(val_path, cfg.data.global_batch_size, shuffle=False, text_dropout=(),
+                                          num_threads=2, tfds_data_dir=cfg.data.tfds_data_dir))

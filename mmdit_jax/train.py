@@ -153,6 +153,20 @@ def _train_and_evaluate(config_dict, workdir, preempted) -> dict:
       log(f"validation at step {step}: EMA loss {results['val_ema/loss']:.4f}, raw {results['val_raw/loss']:.4f}")
       return results
 
+    evaluator = None
+
+    def sample_now(step):
+      nonlocal evaluator
+      if evaluator is None:  # built on first use: encoders, reference images and compilation cost time
+        from mmdit_jax.sample import autoencoder_for
+        evaluator = evaluate.SampleEvaluator(
+            cfg, config_lib.sample_config(config_dict), config_lib.eval_config(config_dict), val_set, mesh,
+            workdir, autoencoder_for(config_dict, cfg, mesh))
+      results = evaluator(state["ema"], step, writer)
+      if results:
+        log(f"samples at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+      return results
+
     def save(step):
       ckpt.save(step, state, {"iterator": iterator.get_state()})
 
@@ -190,6 +204,8 @@ def _train_and_evaluate(config_dict, workdir, preempted) -> dict:
         summary["loss"] = float(m["loss"])
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
         evaluate_now(step)
+      if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.total_steps:
+        sample_now(step)
       stop = preempted(step) or step == cfg.halt_at_step
       if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop:
         save(step)
@@ -202,6 +218,8 @@ def _train_and_evaluate(config_dict, workdir, preempted) -> dict:
 
     ckpt.wait()
     summary.update(evaluate_now(step))
+    if cfg.sample_every:
+      summary.update(sample_now(step))
     summary["step"] = step
     summary["skipped"] = int(jax.device_get(state["skipped"]))
     if jax.process_index() == 0:

@@ -76,8 +76,9 @@ def test_precompute_resume_train_and_sample(folder, sd3_root, tmp_path):
   c = _config(**{"data.path": str(out), "data.val_path": str(out), "total_steps": 4, "checkpoint_every": 4,
                  "model.kwargs.in_channels": 16, "model.kwargs.context_dim": 80, "model.kwargs.pooled_dim": 80,
                  "model.kwargs.patch_size": 4, "model.kwargs.sample_size": 16, "model.kwargs.pos_embed_max_size": 4,
-                 "sample.steps": 3})
-  train.train_and_evaluate(c, str(workdir))
+                 "sample.steps": 3, "sample_every": 4, "eval.num_samples": 8})
+  summary = train.train_and_evaluate(c, str(workdir))
+  assert np.isfinite(summary["fid/demo"])  # generated latents decoded by the dataset's VAE, scored
   pngs = sample.run_sample(c, str(workdir), ["a red circle at the top left", "a cat"])
   assert len(pngs) == 2
   img = np.asarray(Image.open(pngs[0]))

@@ -16,21 +16,48 @@ from tests.train_test import _config
 def trained(tmp_path_factory):
   os.environ["MMDIT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
   workdir = tmp_path_factory.mktemp("run")
-  c = _config(**{"mesh.ici": (2, 4, 1, 1), "total_steps": 4})
+  c = _config(**{"mesh.ici": (2, 4, 1, 1), "total_steps": 4, "sample_every": 2, "eval.num_samples": 8,
+                 "sample.steps": 2})
   summary = train.train_and_evaluate(c, workdir)
   return workdir, c, summary
 
 
+def test_periodic_sample_evaluation_during_training(trained):
+  workdir, _, summary = trained
+  assert (workdir / "samples" / "step_0000002.png").is_file() and (workdir / "samples" / "step_0000004.png").is_file()
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  fids = {m["step"]: m["fid/demo"] for m in logged if "fid/demo" in m}
+  assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
+  assert summary["fid/demo"] == fids[4] and "demo/accuracy_all" in summary
+  assert _image_steps(workdir / "tensorboard", "samples") == [2, 4]
+
+
+def _image_steps(logdir, tag):
+  """Steps of the images under `tag` in TensorBoard event files (TFRecord framing, Event protos)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      steps += [event.step for v in event.summary.value if v.tag == tag and v.HasField("image")]
+  return steps
+
+
 def test_eval_on_another_mesh_matches_training(trained):
   workdir, c, summary = trained
-  c = _config(**{"mesh.ici": (8, 1, 1, 1), "total_steps": 4, "sample.steps": 4})
-  results = sample.run_eval(c, workdir, num_samples=8)
+  c = _config(**{"mesh.ici": (8, 1, 1, 1), "total_steps": 4, "sample.steps": 4, "eval.num_samples": 8})
+  results = sample.run_eval(c, workdir)
   np.testing.assert_allclose(results["val_ema/loss"], summary["val_ema/loss"], rtol=1e-5)
   np.testing.assert_allclose(results["val_raw/loss"], summary["val_raw/loss"], rtol=1e-5)
   assert 0 <= results["demo/accuracy_all"] <= 1 and "demo/chance_all" in results
   saved = json.loads((workdir / "eval.json").read_text())
   assert saved["step"] == 4 and len([k for k in saved if k.startswith("val_ema/loss_t")]) == 8
-  assert Image.open(workdir / "samples" / "eval_step4.png").size[0] > 100
+  assert Image.open(workdir / "samples" / "step_0000004.png").size[0] > 100
+  assert np.isfinite(results["fid/demo"])
 
 
 def test_sample_mode_writes_pngs(trained):
