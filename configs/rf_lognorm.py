@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.log_every = log_every
   c.checkpoint_every = ckpt_every
   c.eval_every = ckpt_every
+  c.sample_every = ckpt_every  # sample grid, FID (and on the demo, compositional accuracy) as it trains
   if args.size == "tiny":  # demo: faster learning, shorter EMA horizon, a smaller dataset
     c.data.demo_examples = 4096
     c.data.num_threads = 2

@@ -27,6 +27,7 @@ MAX_TOKENS = 16
 EMBED = 32
 POOLED_PER_ENCODER = 16
 VOCAB = ("<pad>", "a", "and", "at", "the", "top", "bottom", "left", "right", *COLOURS, *SHAPES)
+DEMO_VERSION = 2  # in the cache path: bump when the data or the encoder changes (2: contextual t5-like states)
 ENCODER_SEED = 1234  # the demo encoder is frozen: fixed tables, independent of the dataset seed
 TEXT_ENCODERS = [
     {"name": "clip", "context_tokens": [0, MAX_TOKENS], "context_channels": [0, EMBED],
@@ -85,7 +86,13 @@ def random_scene(rng):
 
 
 class DemoTextEncoder:
-  """A frozen toy text encoder pair: token tables + sinusoidal positions; pooled = projected mean."""
+  """A frozen toy text encoder pair with token tables and position codes; pooled = projected mean.
+
+  Like SD3's encoders, the two differ: the clip-like one sees each word alone (plus its position), the
+  t5-like one is contextual — each word of an object phrase ("a red circle at the top left") also
+  carries the mean of its phrase's word vectors, as a bidirectional encoder's states would, so the
+  binding of colour and shape to position is present in the text states.
+  """
 
   def __init__(self, seed: int = ENCODER_SEED):
     rng = np.random.default_rng(seed)
@@ -106,13 +113,30 @@ class DemoTextEncoder:
     ids[:len(words)] = [VOCAB.index(w) for w in words]
     return ids
 
+  @staticmethod
+  def _phrases(ids) -> np.ndarray:
+    """Phrase index of each token: phrases are separated by 'and'; padding and 'and' get −1."""
+    and_id = VOCAB.index("and")
+    out, k = np.full(len(ids), -1), 0
+    for i, t in enumerate(ids):
+      if t == and_id:
+        k += 1
+      elif t > 0:
+        out[i] = k
+    return out
+
   def __call__(self, text: str):
     """(context (32, 32), pooled (32,)) float16 for one caption; '' gives the null embedding."""
     ids = self.tokenize(text)
     valid = (ids > 0)[:, None]
+    phrases = self._phrases(ids)
     contexts, pooled = [], []
-    for table, proj in zip(self.tables, self.proj):
+    for e, (table, proj) in enumerate(zip(self.tables, self.proj)):
       tokens = (table[ids] + self.positions) * valid  # (MAX_TOKENS, EMBED)
+      if TEXT_ENCODERS[e]["name"] == "t5":
+        for k in set(phrases[phrases >= 0]):
+          members = phrases == k
+          tokens[members] += table[ids[members]].mean(0)
       contexts.append(tokens)
       pooled.append((tokens.sum(0) / max(1, valid.sum())) @ proj)
     return (np.concatenate(contexts).astype(np.float16), np.concatenate(pooled).astype(np.float16))
@@ -130,7 +154,7 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
   null_context, null_pooled = encoder("")
-  extras = {"name": "demo_shapes", "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
             "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
             "text_encoders": TEXT_ENCODERS}
   with DatasetWriter(path, FEATURES, extras, examples_per_shard=examples_per_shard,
@@ -153,7 +177,7 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
     raise ValueError(f"unknown demo split {split!r}; valid: {sorted(sizes)}")
   n = num_examples or sizes[split]
   split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
-  path = pathlib.Path(root or default_cache_dir()) / f"demo_shapes-{split}-n{n}-seed{seed}"
+  path = pathlib.Path(root or default_cache_dir()) / f"demo_shapes-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
   if not (path / records.METADATA).is_file():
     write_demo(path, n, split_seed)
   return str(path)

@@ -158,17 +158,18 @@ def test_dit_sizes(name):
 
 def test_dit_variants_run_and_start_at_zero():
   x, t = _inputs()[:2]
-  for block in ["adaln_zero", "adaln", "cross_attn", "in_context"]:
-    for cond in ["class", "text"]:
-      cfg = model.DiTConfig(depth=3, hidden_size=32, num_heads=4, block=block, conditioning=cond,
-                            num_classes=10, context_dim=24, pooled_dim=12, long_skip=block == "in_context")
-      kw = dict(labels=jnp.array([0, 3, 10, 1])) if cond == "class" else dict(
-          context=_inputs()[2], pooled=_inputs()[3])
-      params = model.init(cfg, jax.random.key(0))
-      run = jax.jit(lambda p: model.apply(cfg, p, x, t, **kw))
-      np.testing.assert_array_equal(run(params), 0.0)
-      out = run(_randomize(params))
-      assert out.shape == x.shape and float(jnp.std(out)) > 1e-3, (block, cond)
+  # Each block type once; class conditioning with the adaLN blocks, text with the SD3 Fig. 4 baselines
+  # (CrossDiT; DiT with text concatenated as a U-ViT with long skips).
+  for block, cond in [("adaln_zero", "class"), ("adaln", "class"), ("cross_attn", "text"), ("in_context", "text")]:
+    cfg = model.DiTConfig(depth=3, hidden_size=32, num_heads=4, block=block, conditioning=cond,
+                          num_classes=10, context_dim=24, pooled_dim=12, long_skip=block == "in_context")
+    kw = dict(labels=jnp.array([0, 3, 10, 1])) if cond == "class" else dict(
+        context=_inputs()[2], pooled=_inputs()[3])
+    params = model.init(cfg, jax.random.key(0))
+    run = jax.jit(lambda p: model.apply(cfg, p, x, t, **kw))
+    np.testing.assert_array_equal(run(params), 0.0)
+    out = run(_randomize(params))
+    assert out.shape == x.shape and float(jnp.std(out)) > 1e-3, (block, cond)
 
 
 def test_bad_configs_raise():
