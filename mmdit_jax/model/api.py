@@ -10,7 +10,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mmdit_jax.model.dit import DiT, DiTConfig

@@ -1,13 +1,11 @@
 """Samplers: exactness on straight flows, convergence orders, guidance, thresholding, and recovery of a
 Gaussian dataset with its analytic optimal denoiser for every forward process."""
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from mmdit_jax import flow
 from mmdit_jax.flow import samplers

@@ -1,6 +1,5 @@
 """Numerical parity with diffusers' SD3Transformer2DModel through the safetensors importer."""
 
-import json
 
 import jax
 import jax.numpy as jnp
