@@ -70,6 +70,12 @@ class MetricWriter:
       self.jsonl.close()
 
 
+def format_eta(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "unknown"
+  return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
+
+
 class Progress:
   """Rate, ETA and throughput between log points."""
 
@@ -96,7 +102,7 @@ class Progress:
     return (f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f} | "
             f"{1 / perf['perf/step_time_s']:.2f} steps/s, {perf['perf/examples_per_s']:.1f} ex/s | "
             f"{perf['perf/model_tflops_per_device']:.3f} TFLOP/s/device, MFU {mfu} | "
-            f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+            f"ETA {format_eta(eta)}")
 
 
 def log(msg: str):

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from mmdit_jax import parallel
 from mmdit_jax.data import records, writer
 from mmdit_jax.encoders import sd3
-from mmdit_jax.metrics import log
+from mmdit_jax.metrics import format_eta, log
 
 PLAN = "precompute_plan.json"
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -213,7 +213,7 @@ class _Progress:
     rate = self.done / max(time.perf_counter() - self.start, 1e-9)
     eta = (self.total - self.done) / rate if rate else float("inf")
     log(f"{what}: {self.done}/{self.total} examples ({self.done / max(self.total, 1):.0%}) | "
-        f"{rate:.1f} ex/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+        f"{rate:.1f} ex/s | ETA {format_eta(eta)}")
 
 
 def _batches(indices, size):

@@ -35,10 +35,9 @@ def _from_torch(value: np.ndarray, leaf: str) -> np.ndarray:
 
 
 def _get(tensors, name, used):
-  if name not in tensors:
-    raise ConversionError(f"checkpoint lacks tensor {name!r}")
+  value = _need(tensors, name)
   used.add(name)
-  return tensors[name]
+  return value
 
 
 def _convert(cfg, tensors, torch_name, stacks: dict, shardings=None):
