@@ -154,7 +154,7 @@ class SampleEvaluator:
     chunks = []
     for i in range(0, len(self.context), self.batch):  # fixed batch: one compilation
       sl = slice(i, i + self.batch)
-      context, pooled = _pad_rows(self.context[sl], self.batch), _pad_rows(self.pooled[sl], self.batch)
+      context, pooled = parallel.pad_batch(self.context[sl], self.batch), parallel.pad_batch(self.pooled[sl], self.batch)
       out = self.generate(params, jnp.asarray(context, jnp.float32), jnp.asarray(pooled, jnp.float32),
                           jnp.asarray(self.null_context, jnp.float32), jnp.asarray(self.null_pooled, jnp.float32),
                           jax.random.fold_in(jax.random.key(self.seed), i))
@@ -194,8 +194,3 @@ def _first_rows(dataset, n: int) -> dict:
     for k, v in batch.items():
       rows.setdefault(k, []).append(np.asarray(v))
   return {k: np.concatenate(v)[:n] for k, v in rows.items()}
-
-
-def _pad_rows(a, n):
-  a = np.asarray(a)
-  return a if len(a) == n else np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])

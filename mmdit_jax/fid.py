@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdit_jax import parallel
+
 DEMO_SEED = 20260101
 
 
@@ -63,10 +65,7 @@ def features(fn: Callable, images: np.ndarray, batch_size: int = 64) -> np.ndarr
   out = []
   for i in range(0, len(images), batch_size):
     chunk = np.asarray(images[i:i + batch_size], np.float32)
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
-    out.append(np.asarray(fn(chunk), np.float64)[:n])
+    out.append(np.asarray(fn(parallel.pad_batch(chunk, batch_size)), np.float64)[:len(chunk)])
   return np.concatenate(out)
 
 

@@ -221,11 +221,6 @@ def _batches(indices, size):
     yield indices[i:i + size]
 
 
-def _pad(rows: np.ndarray, size: int) -> np.ndarray:
-  """Pads a partial batch by repeating its last row, so every batch has one compiled shape."""
-  return rows if len(rows) == size else np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
-
-
 def _encode_shard(items, start, c, autoencoder, text, dtype):
   """Encoded examples of one shard, in manifest order."""
   n = len(items)
@@ -237,11 +232,11 @@ def _encode_shard(items, start, c, autoencoder, text, dtype):
   f = autoencoder.cfg.downsample
   for shape, idx in by_size.items():
     for batch in _batches(idx, c.batch_size):
-      x = _pad(np.stack([images[i] for i in batch]), c.batch_size)
+      x = parallel.pad_batch(np.stack([images[i] for i in batch]), c.batch_size)
       noise = None
       if c.sample_latents:  # keyed by the example's global index: independent of batching, hosts, resume
         latent_shape = (shape[0] // f, shape[1] // f, autoencoder.cfg.latent_channels)
-        noise = _pad(np.stack([np.random.default_rng((c.seed, start + i)).standard_normal(latent_shape)
+        noise = parallel.pad_batch(np.stack([np.random.default_rng((c.seed, start + i)).standard_normal(latent_shape)
                                for i in batch]).astype(np.float32), c.batch_size)
       z = autoencoder.encode(x, noise)
       for j, i in enumerate(batch):

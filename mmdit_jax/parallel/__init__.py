@@ -1,6 +1,6 @@
 """Meshes, logical-axis rules and host-local ↔ global arrays."""
 
-from mmdit_jax.parallel.arrays import to_global, to_host
+from mmdit_jax.parallel.arrays import pad_batch, to_global, to_host
 from mmdit_jax.parallel.mesh import (
     DEFAULT_RULES,
     MESH_AXES,

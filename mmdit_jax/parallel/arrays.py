@@ -24,3 +24,10 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def pad_batch(rows, size: int) -> np.ndarray:
+  """Pads a partial host batch to `size` rows by repeating its last row, so every batch has the one
+  compiled shape; callers drop the padded outputs."""
+  rows = np.asarray(rows)
+  return rows if len(rows) == size else np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
