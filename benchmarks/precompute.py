@@ -21,7 +21,8 @@ from PIL import Image
 
 from configs import precompute as precompute_config
 from mmdit_jax import parallel, precompute
-from mmdit_jax.encoders import sd3, torch_reference
+from mmdit_jax.encoders import sd3
+from tests import torch_reference
 
 
 def main():

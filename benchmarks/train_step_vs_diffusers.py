@@ -59,7 +59,7 @@ def main():
   def step(params, opt_state, x, noise, t, ctx, pooled):
     def loss_fn(p):
       z = form.perturb(x, noise, t)
-      return jnp.mean(form.loss(model.apply(cfg, p, z, t, ctx, pooled), x, noise, t))
+      return jnp.mean(form.loss(model.forward(cfg, p, z, t, {"context": ctx, "pooled": pooled}), x, noise, t))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

@@ -19,11 +19,11 @@ sizes must match the dataset; training checks them before compiling).
 
 import ml_collections
 
-from configs import common
+from mmdit_jax import defaults
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, input="", output="", root="", resolution=256)
+  args = defaults.parse_arg(arg, input="", output="", root="", resolution=256)
   c = ml_collections.ConfigDict()
   c.input = args.input  # manifest .jsonl / .csv (image paths relative to it), or "tfds:NAME[:SPLIT]"
   c.output = args.output  # dataset directory to create (or resume)
@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.label_key = ""  # class-conditional: read integer labels from this column instead of captions
   c.resolution = args.resolution  # square centre crop, in pixels (a multiple of the VAE's downsampling)
   c.buckets = ()  # ((h, w), …) pixel sizes: each image goes to the bucket nearest its aspect ratio
-  c.encoders = common.encoders_config()
+  c.encoders = defaults.encoders_config()
   c.encoders.root = args.root  # a diffusers SD3 checkpoint directory (text_encoder*, tokenizer*, vae)
   c.t5_tokens = 77  # SD3 uses 77 (the diffusers pipeline's default is 256)
   c.encoder_dtype = "float32"  # compute dtype of the encoders (bfloat16 on TPU halves their memory)
@@ -43,6 +43,7 @@ def get_config(arg=None):
   c.batch_size = 16  # per host
   c.examples_per_shard = 1024
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.ici = (-1, 1, 1, 1)  # over this host's devices: (data, fsdp, sequence, tensor)
+  c.mesh.ici = defaults.mesh_sizes(data=-1)  # over this host's devices, per mesh axis
+  c.sharding_rules = defaults.DEFAULT_RULES
   c.halt_after_shards = 0  # testing aid: stop after this many shards as if interrupted (0: off)
   return c

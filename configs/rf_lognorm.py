@@ -1,5 +1,8 @@
 """SD3's recipe: MM-DiT trained with rectified flow and logit-normal(0, 1) timesteps.
 
+Preset arguments: size (tiny | demo | 2b | 8b), data (dataset path), steps, res (pixels; sets the latent
+size, position grid and SD3's timestep shift), batch (global batch size).
+
 Launch commands:
   # The embedded demo dataset on a CPU (a few minutes; the README's main command):
   python -m mmdit_jax.main --config=configs/rf_lognorm.py --workdir=/tmp/mmdit_demo
@@ -8,46 +11,60 @@ Launch commands:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=demo --workdir=/tmp/mmdit_demo_long
   # SD3-Medium-sized (d=24, ≈2B) at 256² on precomputed latents, on a TPU pod slice:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=2b,data=gs://bucket/latents256 \
-      --workdir=gs://bucket/runs/sd3_2b --config.mesh.ici="(1,-1,1,1)"
-  # Another formulation of the paper's study:
-  python -m mmdit_jax.main --config=configs/rf_lognorm.py --config.formulation="eps/linear" --workdir=…
+      --workdir=gs://bucket/runs/sd3_2b
+  # Does it fit, and what will a step cost? Compile for a TPU topology from a CPU machine:
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=2b,res=1024,batch=64 --mode=compile \
+      --topology=v5p:4x4x4 --workdir=/tmp/compile_2b
+  # Another formulation of the paper's study, another mesh:
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py --config.formulation="eps/linear" \
+      --config.mesh.ici.data=2 --config.mesh.ici.fsdp=-1 --workdir=…
 """
 
-from configs import common
+from mmdit_jax import defaults
+from mmdit_jax.flow import resolution_shift
 
-# size → (MMDiTConfig fields, global batch, steps, warm-up, log/checkpoint cadence)
-_TINY = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, context_dim=32, pooled_dim=32,
-             pos_embed_max_size=8, sample_size=32)
-SIZES = {
-    "tiny": (_TINY, 32, 400, 40, 50, 200),  # the README's few-minute run
-    "demo": (_TINY, 32, 4000, 40, 100, 1000),  # long enough to learn the demo's compositions (~20 CPU-min)
-    "2b": (dict(depth=24, qk_norm=True, dtype="bfloat16", remat="dots"), 1024, 500_000, 1000, 100, 2000),
-    "8b": (dict(depth=38, qk_norm=True, dtype="bfloat16", remat="full"), 4096, 500_000, 1000, 100, 2000),
+_TINY_MODEL = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, context_dim=32,
+                   pooled_dim=32, pos_embed_max_size=8, sample_size=32)
+_DEMO = dict(demo_examples=4096, lr=1e-3, schedule="cosine", ema_decay=0.99, num_threads=2)
+PRESETS = {
+    # The README's few-minute run on the demo dataset.
+    "tiny": dict(model=_TINY_MODEL, batch=32, steps=400, warmup=40, log_every=50, checkpoint_every=200, **_DEMO),
+    # Long enough to learn the demo's compositions (~20 CPU-minutes).
+    "demo": dict(model=_TINY_MODEL, batch=32, steps=4000, warmup=40, log_every=100, checkpoint_every=1000,
+                 **dict(_DEMO, demo_examples=16384)),
+    # SD3 Medium's shape (d=24, ≈2B) and SD3.5 Large's (d=38, ≈8B): QK-norm in bf16, AdamW ε = 1e-15.
+    "2b": dict(model=dict(depth=24, qk_norm=True, dtype="bfloat16", remat="dots"), batch=1024, steps=500_000,
+               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15),
+    "8b": dict(model=dict(depth=38, qk_norm=True, dtype="bfloat16", remat="full"), batch=4096, steps=500_000,
+               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15),
 }
+SD3_SHIFT = {1024: 3.0}  # SD3 §5.3.2 chose α = 3.0 at 1024²; other resolutions use α = √(m/n) against 256²
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size="tiny", data="", steps=0)
-  if args.size not in SIZES:
-    raise ValueError(f"unknown size {args.size!r}; valid: {sorted(SIZES)}")
-  model, batch, steps, warmup, log_every, ckpt_every = SIZES[args.size]
-  c = common.base_config()
-  c.model.name = "mmdit"
-  c.model.kwargs.update(model)
+  args = defaults.parse_arg(arg, size="tiny", data="", steps=0, res=0, batch=0)
+  if args.size not in PRESETS:
+    raise defaults.ConfigError(f"unknown size {args.size!r}; valid: {sorted(PRESETS)}")
+  p = PRESETS[args.size]
+  c = defaults.base_config("mmdit", **p["model"])
   c.data.path = args.data
-  c.data.global_batch_size = batch
-  c.total_steps = args.steps or steps
-  c.optim.warmup_steps = warmup
-  c.log_every = log_every
-  c.checkpoint_every = ckpt_every
-  c.eval_every = ckpt_every
-  c.sample_every = ckpt_every  # sample grid, FID (and on the demo, compositional accuracy) as it trains
-  if args.size in ("tiny", "demo"):  # the demo dataset: faster learning, shorter EMA horizon
-    c.data.demo_examples = 4096 if args.size == "tiny" else 16384
-    c.data.num_threads = 2
-    c.optim.lr = 1e-3
-    c.optim.schedule = "cosine"
-    c.ema_decay = 0.99
-  else:
-    c.optim.eps = 1e-15  # with QK RMSNorm (SD3 §5.3.1)
+  c.data.global_batch_size = args.batch or p["batch"]
+  c.total_steps = args.steps or p["steps"]
+  c.optim.warmup_steps = p["warmup"]
+  c.log_every = p["log_every"]
+  c.checkpoint_every = c.eval_every = p["checkpoint_every"]
+  c.sample_every = p["checkpoint_every"]  # sample grid, FID (and on the demo, compositional accuracy) as it trains
+  if "demo_examples" in p:  # the demo dataset: faster learning, shorter EMA horizon
+    c.data.demo_examples = p["demo_examples"]
+    c.data.num_threads = p["num_threads"]
+    c.optim.lr = p["lr"]
+    c.optim.schedule = p["schedule"]
+    c.ema_decay = p["ema_decay"]
+  if "eps" in p:
+    c.optim.eps = p["eps"]  # with QK RMSNorm (SD3 §5.3.1)
+  if args.res:
+    if args.res % 16:
+      raise defaults.ConfigError(f"res={args.res} is not a multiple of 16 (VAE factor 8 × patch 2)")
+    c.model.sample_size = args.res // 8  # latent side of the SD3 VAE
+    c.shift = SD3_SHIFT.get(args.res, max(1.0, resolution_shift(args.res ** 2)))
   return c

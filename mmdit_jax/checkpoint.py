@@ -2,25 +2,33 @@
 
 Saves are asynchronous and keep the newest N; orbax writes each step to a temporary directory and
 renames it when complete, so an interrupted save is never restored. Restoring takes the abstract state
-with the current run's shardings, so a checkpoint restores onto any mesh shape.
+with the current run's shardings, so a checkpoint restores onto any mesh shape. A newest checkpoint that
+cannot be read falls back to the one before it, with a warning; training moves the damaged one aside
+(to `checkpoints_damaged/`, never deleting it) so that the step can be saved again.
 """
 
 from __future__ import annotations
 
-import logging
-
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mmdit_jax.errors import UserError
+from mmdit_jax.metrics import log, warn
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
   """A checkpoint whose tensors do not fit the configured model."""
+
+
+class CheckpointError(UserError):
+  """No intact checkpoint where one was expected."""
 
 
 def _flat_shapes(tree):
   """{normalised path: shape}; orbax metadata spells nnx Variables and list indices differently."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+
   def name(entry):
     for attr in ("key", "name", "idx"):
       if hasattr(entry, attr):
@@ -33,27 +41,26 @@ def _flat_shapes(tree):
 
 class Checkpointer:
   def __init__(self, directory, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
-        directory, options=options,
+        self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict):
-    saved = self.manager.save(int(step), args=ocp.args.Composite(
+    return self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
-    if saved:
-      logging.info("checkpoint: saving step %d (asynchronously)", step)
-    return saved
 
   def check_compatible(self, step: int, abstract_state):
-    """Fails, naming the tensors, when the checkpoint at `step` holds another model's state."""
+    """Fails, naming the tensors, when the checkpoint at `step` holds another model's state. Metadata
+    that cannot be read raises the reader's own error (a damaged checkpoint, not a mismatch)."""
     meta = self.manager.item_metadata(step)["state"]
     if meta is None:
-      raise CheckpointMismatch(f"checkpoint step {step} in {self.manager.directory} has no readable state")
+      raise ValueError(f"checkpoint step {step} in {self.directory} has no readable state metadata")
     have, want = _flat_shapes(meta), _flat_shapes(abstract_state)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
@@ -61,7 +68,7 @@ class Checkpointer:
              if have[k] != want[k]]
     if missing or extra or wrong:
       raise CheckpointMismatch(
-          f"checkpoint step {step} in {self.manager.directory} does not match the configured model: "
+          f"checkpoint step {step} in {self.directory} does not match the configured model: "
           f"missing {missing[:8]}, unexpected {extra[:8]}, shape mismatches {wrong[:8]}")
 
   def restore(self, step: int, abstract_state, shardings):
@@ -73,15 +80,47 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_latest(self, abstract_state, shardings, *, set_aside_damaged: bool = False):
+    """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails to read is skipped with a warning (and, with `set_aside_damaged`, moved to
+    checkpoints_damaged/ so the run can save that step again); another model's checkpoint is an error.
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state, shardings)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # tensorstore, orbax and JSON readers raise many types for damaged files
+        failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        warn(f"checkpoint step {step} in {self.directory} cannot be restored ({failures[-1]}); "
+             "falling back to the previous one")
+        if set_aside_damaged:
+          self._set_aside(step)
+        continue
+      return step, state, data_state
+    if failures:
+      raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(failures))
+    return None
+
+  def _set_aside(self, step: int):
+    if jax.process_index() == 0:
+      damaged = self.directory.parent / f"{self.directory.name}_damaged"
+      damaged.mkdir(parents=True, exist_ok=True)
+      target = damaged / str(step)
+      if target.exists():
+        target = damaged / f"{step}.{len(list(damaged.iterdir()))}"
+      (self.directory / str(step)).rename(target)
+      log(f"moved the damaged checkpoint of step {step} to {target}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"mmdit_jax.checkpoint: step {step} set aside")
+    self.manager.reload()
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def tree_equal(a, b) -> bool:
-  """Bitwise equality of two pytrees of arrays (for resume checks)."""
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

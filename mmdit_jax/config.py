@@ -1,95 +1,74 @@
 """The boundary between ml_collections configs and the code: ConfigDict → frozen, validated dataclasses.
 
-Every check that can fail on a bad config runs here, before any data is read or anything compiles,
-and names the field and its valid values.
+Every check that can fail on a bad config runs here, before any data is read or anything compiles, and
+names the field and its valid values. Unknown keys are errors at every level. Nothing below the entry
+points sees a ConfigDict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import jax
+import json
 
 from mmdit_jax import flow, model
-from mmdit_jax.model.stack import REMAT_POLICIES
-from mmdit_jax.parallel import MESH_AXES, fill_sizes
+from mmdit_jax.errors import ConfigError
+from mmdit_jax.model.layers import LOGICAL_AXES
+from mmdit_jax.parallel.mesh import MESH_AXES, axis_sizes, fill_sizes, num_slices
 
 SCHEDULES = ("constant", "cosine", "linear")
-MODEL_NAMES = ("mmdit", "dit")
+FID_NETWORKS = ("demo", "inception", "none")
+
+
+def _check(where: str, ok: bool, message: str):
+  if not ok:
+    raise ConfigError(f"config.{where}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float
-  warmup_steps: int
-  schedule: str
-  b1: float
-  b2: float
-  eps: float
-  weight_decay: float
-  grad_clip: float
+  lr: float = 1e-4
+  warmup_steps: int = 1000
+  schedule: str = "constant"  # one of SCHEDULES
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # 0 disables
+
+  def __post_init__(self):
+    _check("optim.schedule", self.schedule in SCHEDULES, f"{self.schedule!r} is not valid; valid: {list(SCHEDULES)}")
+    _check("optim.lr", self.lr > 0, f"must be positive, got {self.lr}")
+    _check("optim.warmup_steps", self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}")
+    _check("optim.grad_clip", self.grad_clip >= 0, f"must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  path: str
-  val_path: str
-  demo_examples: int
-  global_batch_size: int
-  text_dropout: float
-  label_dropout: float
-  num_threads: int
-  prefetch: int
-  tfds_data_dir: str
+  path: str = ""
+  tfds_data_dir: str = ""
+  val_path: str = ""
+  demo_examples: int = 8192
+  global_batch_size: int = 256
+  text_dropout: float = 0.463
+  label_dropout: float = 0.1
+  num_threads: int = 4
+  prefetch: int = 8
+
+  def __post_init__(self):
+    _check("data.global_batch_size", self.global_batch_size > 0, f"must be positive, got {self.global_batch_size}")
+    for name in ("text_dropout", "label_dropout"):
+      rate = getattr(self, name)
+      _check(f"data.{name}", 0 <= rate <= 1, f"is a probability in [0, 1], got {rate}")
+    _check("data.num_threads", self.num_threads >= 1, f"must be >= 1, got {self.num_threads}")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  seed: int
-  total_steps: int
-  formulation: flow.Formulation
-  model: model.MMDiTConfig | model.DiTConfig
-  data: DataConfig
-  optim: OptimConfig
-  ema_decay: float
-  max_nonfinite_steps: int
-  mesh_ici: tuple[int, ...]
-  mesh_dcn: tuple[int, ...]
-  log_every: int
-  checkpoint_every: int
-  keep_checkpoints: int
-  eval_every: int
-  eval_batches: int
-  halt_at_step: int
-  sample_every: int = 0  # sample evaluation (grid, FID, demo accuracy) every k steps and at the end; 0: off
+class MeshConfig:
+  ici: tuple[int, ...] = (-1, 1, 1, 1)  # sizes in MESH_AXES order within a slice; one −1 fills
+  dcn: tuple[int, ...] = (-1, 1, 1, 1)  # across slices
 
-
-def _field(where, value, valid):
-  if value not in valid:
-    raise ValueError(f"config.{where}={value!r} is not valid; valid: {list(valid)}")
-  return value
-
-
-def _model_config(c):
-  name = _field("model.name", c.model.name, MODEL_NAMES)
-  kwargs = dict(c.model.kwargs)
-  if "dual_attention_layers" in kwargs:
-    kwargs["dual_attention_layers"] = tuple(kwargs["dual_attention_layers"])
-  if "text_streams" in kwargs:
-    kwargs["text_streams"] = tuple(kwargs["text_streams"])
-  if "remat" in kwargs:
-    _field("model.kwargs.remat", kwargs["remat"], tuple(REMAT_POLICIES))
-  cls = model.MMDiTConfig if name == "mmdit" else model.DiTConfig
-  unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
-  if unknown:
-    raise ValueError(f"config.model.kwargs has unknown fields {sorted(unknown)}; valid: "
-                     f"{[f.name for f in dataclasses.fields(cls)]}")
-  try:
-    if name == "dit" and c.model.dit_variant:
-      return model.dit_config(c.model.dit_variant, **kwargs)
-    return cls(**kwargs)
-  except ValueError as e:
-    raise ValueError(f"config.model: {e}") from e
+  def named(self) -> dict:
+    return {"ici": dict(zip(MESH_AXES, self.ici)), "dcn": dict(zip(MESH_AXES, self.dcn))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +81,15 @@ class SampleConfig:
   percentile: float = 0.995
   seed: int = 0
 
-
-def sample_config(c) -> SampleConfig:
-  s = c.get("sample", {})
-  cfg = SampleConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(s).items()})
-  if cfg.sampler not in flow.samplers.SAMPLERS:
-    raise ValueError(f"config.sample.sampler={cfg.sampler!r}; valid: {sorted(flow.samplers.SAMPLERS)}")
-  if cfg.threshold not in flow.samplers.THRESHOLDS:
-    raise ValueError(f"config.sample.threshold={cfg.threshold!r}; valid: {sorted(flow.samplers.THRESHOLDS)}")
-  return cfg
-
-
-FID_NETWORKS = ("demo", "inception", "none")
+  def __post_init__(self):
+    samplers = flow.samplers
+    _check("sample.sampler", self.sampler in samplers.SAMPLERS,
+           f"{self.sampler!r}; valid: {sorted(samplers.SAMPLERS)}")
+    _check("sample.threshold", self.threshold in samplers.THRESHOLDS,
+           f"{self.threshold!r}; valid: {sorted(samplers.THRESHOLDS)}")
+    _check("sample.steps", self.steps >= 1, f"must be >= 1, got {self.steps}")
+    _check("sample.guidance_interval", len(self.guidance_interval) == 2,
+           f"is (t_low, t_high), got {self.guidance_interval}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,58 +99,172 @@ class EvalConfig:
   inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth or its .safetensors
   clip_score: str = ""  # hook 'package.module:factory' → (embed_images, embed_texts); '' → off
 
+  def __post_init__(self):
+    _check("eval.fid_network", self.fid_network in FID_NETWORKS, f"{self.fid_network!r}; valid: {list(FID_NETWORKS)}")
+    _check("eval.num_samples", self.num_samples >= 2, f"must be at least 2, got {self.num_samples}")
 
-def eval_config(c) -> EvalConfig:
-  cfg = EvalConfig(**dict(c.get("eval", {})))
-  if cfg.fid_network not in FID_NETWORKS:
-    raise ValueError(f"config.eval.fid_network={cfg.fid_network!r}; valid: {FID_NETWORKS}")
-  if cfg.num_samples < 2:
-    raise ValueError(f"config.eval.num_samples must be at least 2, got {cfg.num_samples}")
-  return cfg
+
+@dataclasses.dataclass(frozen=True)
+class EncodersConfig:
+  root: str = ""  # a diffusers SD3 checkpoint directory (text_encoder*, tokenizer*, vae)
+  clip_l: str = ""
+  clip_g: str = ""
+  t5: str = ""
+  vae: str = ""
+  clip_l_tokenizer: str = ""
+  clip_g_tokenizer: str = ""
+  t5_tokenizer: str = ""
+  no_t5: bool = False  # zeros in T5's place (SD3 §5.3.2)
+
+  def get(self, key, default=None):  # the mapping view encoders.sd3.EncoderPaths.from_config reads
+    return getattr(self, key, default)
+
+  @property
+  def given(self) -> bool:
+    return bool(self.root or self.clip_l)
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugConfig:
+  halt_at_step: int = 0  # checkpoint and exit at this step as if preempted (0: off)
+  log_data_order: bool = False  # append each step's example indices to workdir/data_order.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int
+  total_steps: int
+  formulation: flow.Formulation
+  model: model.MMDiTConfig | model.DiTConfig
+  data: DataConfig
+  optim: OptimConfig
+  ema_decay: float
+  max_nonfinite_steps: int
+  mesh: MeshConfig
+  sharding_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  eval_every: int
+  eval_batches: int
+  sample_every: int
+  force_eval: bool
+  sample: SampleConfig
+  eval: EvalConfig
+  encoders: EncodersConfig
+  debug: DebugConfig
+  source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
+
+
+def _plain(value):
+  """ConfigDict → dict, lists → tuples, recursively."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def build(cls, node, where: str):
+  """A frozen `cls` from the ConfigDict `node` (None → defaults); unknown keys name the valid fields."""
+  values = _plain(node) if node is not None else {}
+  if not isinstance(values, dict):
+    raise ConfigError(f"config.{where} must be a group of fields, got {values!r}")
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ConfigError(f"config.{where} has unknown fields {unknown}; valid: {names}")
+  try:
+    return cls(**values)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{where}: {e}") from e
+
+
+def model_config(node):
+  """The backbone's frozen config from config.model: `name` picks the dataclass, the rest are its fields."""
+  values = _plain(node)
+  name = values.pop("name", None)
+  if name not in model.BACKBONES:
+    raise ConfigError(f"config.model.name={name!r}; valid: {sorted(model.BACKBONES)}")
+  return build(model.BACKBONES[name], values, f"model (backbone {name!r})")
+
+
+def sharding_rules(rules) -> tuple:
+  """Validated (logical axis, mesh axes) pairs: known logical names, mesh axes of MESH_AXES or None."""
+  out = []
+  for rule in _plain(rules):
+    if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"config.sharding_rules: each rule is (logical_axis, mesh_axes), got {rule!r}")
+    logical, mesh_axes = rule
+    if logical not in LOGICAL_AXES:
+      raise ConfigError(f"config.sharding_rules: unknown logical axis {logical!r}; valid: {list(LOGICAL_AXES)}")
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad:
+      raise ConfigError(f"config.sharding_rules: {logical!r} maps to unknown mesh axes {bad}; valid: "
+                        f"{list(MESH_AXES)} or None")
+    out.append((logical, mesh_axes))
+  seen = [r[0] for r in out]
+  dupes = sorted({n for n in seen if seen.count(n) > 1})
+  if dupes:
+    raise ConfigError(f"config.sharding_rules: logical axes {dupes} have more than one rule")
+  return tuple(out)
+
+
+TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
+             "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
+             "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
+             "encoders", "debug")
 
 
 def from_config_dict(c) -> TrainConfig:
+  """The run's TrainConfig; raises ConfigError naming the first bad field."""
+  unknown = sorted(set(c.keys()) - set(TOP_LEVEL))
+  if unknown:
+    raise ConfigError(f"config has unknown fields {unknown}; valid: {list(TOP_LEVEL)}")
   try:
-    formulation = flow.parse_formulation(c.formulation, shift=float(c.shift))
+    formulation = flow.parse_formulation(c.formulation, shift=float(c.get("shift", 1.0)))
   except ValueError as e:
-    raise ValueError(f"config.formulation: {e}") from e
-  optim = OptimConfig(**{k: c.optim[k] for k in (f.name for f in dataclasses.fields(OptimConfig))})
-  _field("optim.schedule", optim.schedule, SCHEDULES)
-  data = DataConfig(**{k: c.data[k] for k in (f.name for f in dataclasses.fields(DataConfig))})
-  if data.global_batch_size <= 0:
-    raise ValueError(f"config.data.global_batch_size must be positive, got {data.global_batch_size}")
-  if not 0 <= c.ema_decay < 1:
-    raise ValueError(f"config.ema_decay must be in [0, 1), got {c.ema_decay}")
-  if c.total_steps <= 0:
-    raise ValueError(f"config.total_steps must be positive, got {c.total_steps}")
-  sample_config(c), eval_config(c)  # validated here, before anything runs
-  if c.get("sample_every", 0) < 0:
-    raise ValueError(f"config.sample_every must be >= 0, got {c.sample_every}")
-  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-    if c[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {c[name]}")
+    raise ConfigError(f"config.formulation: {e}") from e
+  _check("ema_decay", 0 <= c.ema_decay < 1, f"must be in [0, 1), got {c.ema_decay}")
+  _check("total_steps", c.total_steps > 0, f"must be positive, got {c.total_steps}")
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_batches"):
+    _check(name, c[name] > 0, f"must be positive, got {c[name]}")
+  for name in ("eval_every", "sample_every"):
+    _check(name, c[name] >= 0, f"must be >= 0 (0: off), got {c[name]}")
+  mesh = MeshConfig(ici=axis_sizes(_plain(c.mesh.ici), "config.mesh.ici"),
+                    dcn=axis_sizes(_plain(c.mesh.dcn), "config.mesh.dcn"))
+  unknown = sorted(set(c.mesh.keys()) - {"ici", "dcn"})
+  if unknown:
+    raise ConfigError(f"config.mesh has unknown fields {unknown}; valid: ['ici', 'dcn']")
   return TrainConfig(
-      seed=int(c.seed), total_steps=int(c.total_steps), formulation=formulation, model=_model_config(c),
-      data=data, optim=optim, ema_decay=float(c.ema_decay), max_nonfinite_steps=int(c.max_nonfinite_steps),
-      mesh_ici=tuple(c.mesh.ici), mesh_dcn=tuple(c.mesh.dcn), log_every=int(c.log_every),
+      seed=int(c.seed), total_steps=int(c.total_steps), formulation=formulation, model=model_config(c.model),
+      data=build(DataConfig, c.data, "data"), optim=build(OptimConfig, c.optim, "optim"),
+      ema_decay=float(c.ema_decay), max_nonfinite_steps=int(c.max_nonfinite_steps), mesh=mesh,
+      sharding_rules=sharding_rules(c.sharding_rules), log_every=int(c.log_every),
       checkpoint_every=int(c.checkpoint_every), keep_checkpoints=int(c.keep_checkpoints),
-      eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), halt_at_step=int(c.halt_at_step),
-      sample_every=int(c.get("sample_every", 0)))
+      eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), sample_every=int(c.sample_every),
+      force_eval=bool(c.force_eval), sample=build(SampleConfig, c.sample, "sample"),
+      eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
+      debug=build(DebugConfig, c.debug, "debug"), source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 
-def check_mesh_and_batch(cfg: TrainConfig, devices=None):
-  """Mesh sizes against the device count and the batch against the data-parallel size."""
-  devices = jax.devices() if devices is None else devices
-  n_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  try:
-    dcn = fill_sizes(cfg.mesh_dcn, n_slices, "config.mesh.dcn")
-    ici = fill_sizes(cfg.mesh_ici, len(devices) // n_slices, "config.mesh.ici")
-  except ValueError as e:
-    raise ValueError(f"{e} (axes {MESH_AXES})") from e
+def check_mesh_and_batch(cfg: TrainConfig, devices):
+  """Mesh sizes against the devices and the batch against the data-parallel size and process count
+  (counted from `devices`, so a compile-only TPU topology is checked like a real one)."""
+  slices = num_slices(devices)
+  dcn = fill_sizes(cfg.mesh.dcn, slices, "config.mesh.dcn")
+  ici = fill_sizes(cfg.mesh.ici, len(devices) // slices, "config.mesh.ici")
   dp = ici[0] * ici[1] * dcn[0] * dcn[1]
-  if cfg.data.global_batch_size % dp:
-    raise ValueError(f"config.data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
-                     f"data-parallel size {dp} (mesh data × fsdp); use a multiple of {dp}")
-  if cfg.data.global_batch_size % jax.process_count():
-    raise ValueError(f"config.data.global_batch_size={cfg.data.global_batch_size} is not divisible by "
-                     f"{jax.process_count()} processes")
+  b = cfg.data.global_batch_size
+  if b % dp:
+    raise ConfigError(f"config.data.global_batch_size={b} is not divisible by the data-parallel size {dp} "
+                      f"(mesh data × fsdp); use a multiple of {dp}")
+  processes = len({d.process_index for d in devices})
+  if b % processes:
+    raise ConfigError(f"config.data.global_batch_size={b} is not divisible by {processes} processes")
+  return ici, dcn

@@ -1,26 +1,25 @@
 """Evaluation: validation loss (SD3 §5.1: held-out data at the 8 fixed levels t_i = i/8, fixed noise, per
-level and mean), and sample evaluation (generation from fixed conditioning → PNG grid, FID, CLIP score,
-and on the demo dataset the compositional GenEval-style accuracy beside its chance level)."""
+level and mean), generation for any backbone, and sample evaluation (PNG grid, FID, CLIP score, and on
+the demo datasets the compositional GenEval-style accuracy, or the class accuracy, beside chance)."""
 
 from __future__ import annotations
-
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from mmdit_jax import fid, flow, model, parallel
+from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.flow import samplers
-from mmdit_jax.metrics import log
-from mmdit_jax.train_step import forward
+from mmdit_jax.metrics import log, warn
 
 EVAL_SEED = 20240305  # fixed noise: every evaluation of every run sees the same ε
 
 
-def make_level_losses(cfg):
+def make_level_losses(cfg: TrainConfig):
   """(params, batch, batch_index) → (levels,) summed per-example losses at t_i = i/8."""
   f = cfg.formulation
   levels = flow.validation_timesteps(8)
@@ -32,7 +31,7 @@ def make_level_losses(cfg):
     def at_level(t_level):
       t = jnp.full((x.shape[0],), t_level)
       z = f.perturb(x, noise, t)
-      out = forward(cfg.model, params, f.model_input(z, t), t, batch)
+      out = model.forward(cfg.model, params, f.model_input(z, t), t, batch)
       return jnp.sum(f.loss(out, x, noise, t))
 
     return jax.lax.map(at_level, levels)
@@ -40,11 +39,11 @@ def make_level_losses(cfg):
   return level_losses
 
 
-def validation_loss(cfg, params, dataset, mesh, num_batches: int, level_fn=None) -> dict:
-  """{'val/loss': mean, 'val/loss_t0.000': …} over the first `num_batches` held-out batches."""
+def validation_loss(cfg: TrainConfig, params, dataset, mesh, level_fn=None) -> dict:
+  """{'val/loss': mean, 'val/loss_t0.000': …} over the first config.eval_batches held-out batches."""
   level_fn = level_fn or jax.jit(make_level_losses(cfg))
   totals, count = np.zeros(8), 0
-  for i in range(min(num_batches, dataset.batches_per_epoch)):
+  for i in range(min(cfg.eval_batches, dataset.batches_per_epoch)):
     batch = dataset.load_batch(i, jax.process_index(), jax.process_count())
     batch = {k: v for k, v in batch.items() if k not in ("index", "step")}
     totals += np.asarray(parallel.to_host(level_fn(params, parallel.to_global(batch, mesh), i)))
@@ -55,34 +54,64 @@ def validation_loss(cfg, params, dataset, mesh, num_batches: int, level_fn=None)
   return out
 
 
-# ── Sampling ──
+def validation_both(cfg: TrainConfig, state, dataset, mesh, level_fn=None) -> dict:
+  """Validation loss of the EMA and the raw weights: 'val_ema/…' and 'val_raw/…'."""
+  results = {}
+  for name, params in (("ema", state["ema"]), ("raw", state["params"])):
+    for k, v in validation_loss(cfg, params, dataset, mesh, level_fn).items():
+      results[k.replace("val/", f"val_{name}/")] = v
+  return results
 
-def make_generate(cfg, scfg, latent_shape):
-  """jit-able (params, context, pooled, null_context, null_pooled, key) → latents (B, h, w, C)."""
-  f = cfg.formulation
-  process = f.path
-  ts = (samplers.log_snr_grid(process, scfg.steps, samplers.t_max(process)) if f.is_edm
-        else samplers.timestep_grid(scfg.steps, shift=f.shift))
 
-  def generate(params, context, pooled, null_context, null_pooled, key):
-    b = context.shape[0]
+# ── Generation ──
+
+def sampling_grid(cfg: TrainConfig):
+  """The sampler's decreasing times: uniform in log-SNR for EDM processes, else the shifted uniform grid."""
+  f, steps = cfg.formulation, cfg.sample.steps
+  if f.is_edm:
+    return samplers.log_snr_grid(f.path, steps, samplers.t_max(f.path))
+  return samplers.timestep_grid(steps, shift=f.shift)
+
+
+def make_generate(cfg: TrainConfig):
+  """jit-able (params, cond, null_cond, noise (B, h, w, C)) → latents, for any backbone.
+
+  cond holds the backbone's conditioning features batched ({context, pooled} or {label}); null_cond the
+  unconditional ones (unbatched: broadcast), run in the same batch for classifier-free guidance.
+  """
+  f, scfg = cfg.formulation, cfg.sample
+  ts = sampling_grid(cfg)
+
+  def generate(params, cond, null_cond, noise):
+    b = noise.shape[0]
 
     def net(z, t, guided):
       zin = f.model_input(z, t)
       if not guided:
-        return model.apply(cfg.model, params, zin, t, context, pooled)
-      both = model.apply(cfg.model, params, jnp.concatenate([zin, zin]), jnp.concatenate([t, t]),
-                         jnp.concatenate([context, jnp.broadcast_to(null_context, context.shape)]),
-                         jnp.concatenate([pooled, jnp.broadcast_to(null_pooled, pooled.shape)]))
-      return both[:b], both[b:]
+        return model.forward(cfg.model, params, zin, t, cond)
+      both = jax.tree.map(lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)]),
+                          cond, {k: null_cond[k] for k in cond})
+      out = model.forward(cfg.model, params, jnp.concatenate([zin, zin]), jnp.concatenate([t, t]), both)
+      return out[:b], out[b:]
 
-    denoise = samplers.make_denoiser(process, f.prediction, net, guidance_scale=scfg.guidance,
+    denoise = samplers.make_denoiser(f.path, f.prediction, net, guidance_scale=scfg.guidance,
                                      guidance_interval=scfg.guidance_interval, threshold=scfg.threshold,
                                      percentile=scfg.percentile, num_steps=scfg.steps)
-    noise = jax.random.normal(key, (b, *latent_shape))
-    return samplers.sample(scfg.sampler, process, denoise, noise, ts)
+    return samplers.sample(scfg.sampler, f.path, denoise, noise, ts)
 
   return generate
+
+
+@jax.jit
+def _noise(key, indices, zeros):
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), zeros.shape[1:]))(indices)
+
+
+def sample_noise(seed: int, indices, shape) -> np.ndarray:
+  """Initial noise of samples `indices`: sample i draws from fold_in(key(seed), i), so a sample's noise
+  depends on its seed and index alone, not on batching."""
+  indices = np.asarray(indices, np.int32)
+  return np.asarray(_noise(jax.random.key(seed), indices, jnp.zeros((len(indices), *shape), jnp.float32)))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -101,8 +130,26 @@ def grid_image(images: np.ndarray, cols: int = 8, scale: int = 4) -> np.ndarray:
   return np.repeat(np.repeat(grid, scale, 0), scale, 1)
 
 
-def save_grid(images: np.ndarray, path, cols: int = 8, scale: int = 4):
-  Image.fromarray(grid_image(images, cols, scale)).save(path)
+def save_png(image: np.ndarray, path):
+  """A uint8 (H, W, 3) image as PNG at any epath location (local or gs://)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(image).save(f, format="PNG")
+
+
+def generate_batched(generate, params, cond: dict, null_cond: dict, noise: np.ndarray, batch: int, mesh):
+  """Runs `generate` over all rows in fixed batches of `batch` (one compilation), split over the mesh."""
+  n = len(noise)
+  dp = parallel.data_parallel_size(mesh)
+  batch = -(-min(batch, n) // dp) * dp
+  null_cond = {k: jnp.asarray(v) for k, v in null_cond.items()}
+  chunks = []
+  for i in range(0, n, batch):
+    rows = {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh) for k, v in cond.items()}
+    z = parallel.put_rows(parallel.pad_batch(noise[i:i + batch], batch), mesh)
+    chunks.append(np.asarray(parallel.to_host(generate(params, rows, null_cond, z)))[:min(batch, n - i)])
+  return np.concatenate(chunks)
 
 
 DEMO_CAPTION_SEED = 12345
@@ -111,79 +158,83 @@ DEMO_CAPTION_SEED = 12345
 class SampleEvaluator:
   """Generates from fixed conditioning with given params and scores the samples.
 
-  Demo dataset: captions of random scenes (fixed seed) through the demo encoder; references are the
-  validation images. Other datasets: the conditioning of the first validation examples, images decoded
-  with the VAE the dataset records (or config.encoders); without one there are no images to score.
+  Text demo: captions of random scenes (fixed seed) through the demo encoder, scored by compositional
+  accuracy. Class demo: every label in turn, scored by class accuracy. Other datasets: the conditioning
+  of the first validation examples. Samples are images directly in a pixel-space dataset (metadata
+  "pixels": true, as the demos), else decoded with the VAE the dataset records (or config.encoders);
+  without one there are no images to score. References for FID are the validation images.
   """
 
-  def __init__(self, cfg, scfg, ecfg, val_set, mesh, workdir, autoencoder=None):
-    self.cfg, self.ecfg, self.mesh = cfg, ecfg, mesh
-    self.workdir = pathlib.Path(workdir)
-    self.enabled = isinstance(cfg.model, model.MMDiTConfig)
-    if not self.enabled:
-      log("sample evaluation: class-conditional generation is not implemented; skipped")
-      return
+  def __init__(self, cfg: TrainConfig, val_set, mesh, out_dir, autoencoder=None, demo_kind: str | None = None):
+    self.cfg, self.mesh, self.out_dir = cfg, mesh, epath.Path(out_dir)
+    ecfg = cfg.eval
     n = ecfg.num_samples
     rows = _first_rows(val_set, n)
-    self.captions = None
-    if not cfg.data.path:  # the demo
+    self.captions = self.labels = None
+    if demo_kind == "text":
       rng = np.random.default_rng(DEMO_CAPTION_SEED)
       self.captions = [demo.caption(demo.random_scene(rng)) for _ in range(n)]
       encoder = demo.DemoTextEncoder()
       enc = [encoder(c) for c in self.captions]
-      self.context, self.pooled = np.stack([c for c, _ in enc]), np.stack([p for _, p in enc])
-      self.null_context, self.null_pooled = encoder("")
-      self.decode = lambda latents: np.asarray(latents)  # demo "latents" are RGB
+      self.cond = {"context": np.stack([c for c, _ in enc]).astype(np.float32),
+                   "pooled": np.stack([p for _, p in enc]).astype(np.float32)}
+      null = dict(zip(("context", "pooled"), encoder("")))
+    elif demo_kind == "classes":
+      self.labels = np.arange(n, dtype=np.int32) % demo.NUM_CLASSES
+      self.cond, null = {"label": self.labels}, None
     else:
-      self.context, self.pooled = rows["context"], rows["pooled"]
-      null = val_set.null or {"context": np.zeros_like(self.context[0]), "pooled": np.zeros_like(self.pooled[0])}
-      self.null_context, self.null_pooled = null["context"], null["pooled"]
-      self.decode = autoencoder.decode if autoencoder is not None else None
+      self.cond = {k: rows[k] for k in cfg.model.cond_features}
+      null = val_set.null
+      if null is None and "context" in cfg.model.cond_features:
+        null = {k: np.zeros_like(rows[k][0]) for k in ("context", "pooled")}
+    self.null_cond = {k: np.asarray(v, np.float32 if k != "label" else np.int32)
+                      for k, v in cfg.model.null_cond(null).items()}
+    pixels = bool(val_set.meta.extras.get("pixels", False))
+    self.decode = (lambda latents: np.asarray(latents)) if pixels else (
+        autoencoder.decode if autoencoder is not None else None)
     self.latent_shape = rows["latent"].shape[1:]
     self.reference = None if self.decode is None else self.decode(rows["latent"].astype(np.float32))
     self.fid_fn = (None if ecfg.fid_network == "none" or self.decode is None
                    else fid.feature_network(ecfg.fid_network, ecfg.inception_weights))
     self.clip_hook = fid.load_clip_score_hook(ecfg.clip_score)
-    self.batch = min(n, cfg.data.global_batch_size)
-    self.generate = jax.jit(make_generate(cfg, scfg, self.latent_shape))
-    self.seed = scfg.seed
+    self.noise = sample_noise(cfg.sample.seed, np.arange(n), self.latent_shape)
+    self.generate = jax.jit(make_generate(cfg))
+    if self.decode is None:
+      warn("sample evaluation: no VAE to decode latents into images (set config.encoders); FID and grids skipped")
 
   def __call__(self, params, step: int, writer=None) -> dict:
-    if not self.enabled:
-      return {}
-    chunks = []
-    for i in range(0, len(self.context), self.batch):  # fixed batch: one compilation
-      sl = slice(i, i + self.batch)
-      context, pooled = parallel.pad_batch(self.context[sl], self.batch), parallel.pad_batch(self.pooled[sl], self.batch)
-      out = self.generate(params, jnp.asarray(context, jnp.float32), jnp.asarray(pooled, jnp.float32),
-                          jnp.asarray(self.null_context, jnp.float32), jnp.asarray(self.null_pooled, jnp.float32),
-                          jax.random.fold_in(jax.random.key(self.seed), i))
-      chunks.append(np.asarray(parallel.to_host(out))[:len(self.context[sl])])
-    latents = np.concatenate(chunks)
-    results = {}
     if self.decode is None:
-      log("sample evaluation: no VAE to decode latents into images (set config.encoders); FID skipped")
-      return results
+      return {}
+    latents = generate_batched(self.generate, params, self.cond, self.null_cond, self.noise,
+                               self.cfg.data.global_batch_size, self.mesh)
     images = self.decode(latents)
+    results = {}
     if self.captions is not None:
       acc = demo.compositional_accuracy(images, self.captions)
       chance = demo.compositional_accuracy(images, self.captions[1:] + self.captions[:1])
       results.update({f"demo/accuracy_{k}": v for k, v in acc.items()})
       results.update({f"demo/chance_{k}": v for k, v in chance.items()})
+    if self.labels is not None:
+      acc = demo.class_accuracy(images, self.labels)
+      chance = demo.class_accuracy(images, np.roll(self.labels, 1))
+      results.update({f"demo/class_accuracy_{k}": v for k, v in acc.items()})
+      results.update({f"demo/class_chance_{k}": v for k, v in chance.items()})
     if self.fid_fn is not None:
-      results[f"fid/{self.ecfg.fid_network}"] = fid.fid(self.fid_fn, images, self.reference)
+      results[f"fid/{self.cfg.eval.fid_network}"] = fid.fid(self.fid_fn, images, self.reference)
     if self.clip_hook is not None and self.captions is not None:
       results["clip_score"] = fid.clip_score(*self.clip_hook, images, self.captions)
     grid = grid_image(to_uint8(images), scale=4 if images.shape[1] <= 64 else 1)
     if jax.process_index() == 0:
-      out = self.workdir / "samples"
-      out.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(grid).save(out / f"step_{step:07d}.png")
-      if self.captions is not None:
-        (out / "captions.txt").write_text("\n".join(self.captions) + "\n")
+      save_png(grid, self.out_dir / f"step_{step:07d}.png")
+      if self.captions is not None or self.labels is not None:
+        names = self.captions if self.captions is not None else [
+            f"{int(l)} ({' '.join(demo.class_attributes(int(l)))})" for l in self.labels]
+        (self.out_dir / "conditioning.txt").write_text("\n".join(names) + "\n")
     if writer is not None:
       writer.write(step, results)
       writer.write_image(step, "samples", grid)
+    log(f"samples at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
+        f" → {self.out_dir / f'step_{step:07d}.png'}")
     return results
 
 

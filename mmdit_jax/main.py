@@ -1,38 +1,131 @@
-"""Entry point: python -m mmdit_jax.main --config=configs/rf_lognorm.py --workdir=DIR [--mode=train]."""
+"""Entry point: python -m mmdit_jax.main --config=configs/rf_lognorm.py --workdir=DIR [--mode=train].
 
-from absl import app, flags
+Exit codes: 0 done; 2 bad input (a config value, flag, path, dataset or checkpoint; the message says what
+is valid); 3 the run stopped itself (e.g. non-finite steps); 75 preempted after a complete checkpoint
+(resubmit the same command to resume). Logs of orbax and absl are at WARNING unless --verbosity is given.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmdit_jax.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STOPPED, UserError
+
+MODES = ["train", "eval", "sample"]
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (local or gs://).")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Join a multi-process run: auto (when flags or the platform say so), on, off.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Persistent XLA compilation cache directory ('' disables); default "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/mmdit_jax/xla.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line.")
+_LABELS = flags.DEFINE_list("labels", [], "--mode=sample, class-conditional models: class labels, e.g. 0,5,11.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  from mmdit_jax import parallel
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+def _fail(message: str, code: int):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _clean(message: str) -> str:
+  """A flag error without the traceback config_flags embeds: its last line, minus the exception's type."""
+  head, sep, trace = message.partition("Traceback (most recent call last):")
+  if not sep:
+    return message.strip()
+  last = [line for line in trace.strip().splitlines() if line.strip()][-1]
+  return f"{head.strip()} {last.split(': ', 1)[-1] if last.split(':', 1)[0].endswith(('Error', 'Exception')) else last}"
+
+
+def _parse_flags(argv):
+  """absl's parser, with config-file and --config.x override failures as one clean paragraph."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{_clean(str(e))}\nPass --helpshort to see the flags.", EXIT_BAD_INPUT)
+  except (AttributeError, KeyError) as e:  # --config.<unknown field>=…
+    detail = e.args[0] if e.args else e
+    lines = str(detail.args[0] if isinstance(detail, KeyError) and detail.args else detail).splitlines()
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    _fail(f"unknown config field {lines[0].strip(chr(39) + chr(34))!r} among the overrides {overrides}: "
+          f"{' '.join(lines[1:]) or 'see the config file for the valid fields'}", EXIT_BAD_INPUT)
+  except (OSError, UserError, ValueError, TypeError) as e:  # the config file, or its get_config(arg)
+    _fail(f"cannot load the config: {_clean(str(e))}", EXIT_BAD_INPUT)
+
+
+def _setup_logging_and_cache():
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax
+  cache = _COMPILATION_CACHE.value
+  if cache is None:
+    from mmdit_jax.data import demo
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(demo.default_cache_dir() / "xla")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def _prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    from etils import epath
+    path = epath.Path(_PROMPTS_FILE.value)
+    if not path.exists():
+      raise UserError(f"--prompts_file={path} does not exist")
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  return prompts
+
+
+def _labels() -> list[int]:
+  try:
+    return [int(x) for x in _LABELS.value]
+  except ValueError as e:
+    raise UserError(f"--labels={','.join(_LABELS.value)}: labels are integers ({e})") from e
+
+
+def _run():
+  _setup_logging_and_cache()
+  from mmdit_jax import config as config_lib
+  from mmdit_jax.parallel import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value,
+                         timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  try:
+    cfg = config_lib.from_config_dict(_CONFIG.value)
+  except OSError as e:  # config_flags defers a missing or unloadable file to its first use (no other I/O here)
+    raise UserError(f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: "
+                    f"{str(e).strip().splitlines()[-1].strip()}") from e
   from mmdit_jax import sample, train
   if _MODE.value == "train":
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train.train_and_evaluate(cfg, _WORKDIR.value)
+    if summary.get("stopped"):
+      sys.exit(EXIT_PREEMPTED)
   elif _MODE.value == "eval":
-    sample.run_eval(_CONFIG.value, _WORKDIR.value)
+    sample.run_eval(cfg, _WORKDIR.value)
   else:
-    prompts = list(_PROMPT.value)
-    if _PROMPTS_FILE.value:
-      with open(_PROMPTS_FILE.value) as f:
-        prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and not _EMBEDDINGS.value:
-      raise app.UsageError("--mode=sample needs --prompt, --prompts_file or --embeddings")
-    sample.run_sample(_CONFIG.value, _WORKDIR.value, prompts, _EMBEDDINGS.value)
+    sample.run_sample(cfg, _WORKDIR.value, _prompts(), _EMBEDDINGS.value, _labels())
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag", EXIT_BAD_INPUT)
+  from mmdit_jax.train import TrainingStopped
+  try:
+    _run()
+  except TrainingStopped as e:
+    _fail(str(e), EXIT_STOPPED)
+  except UserError as e:
+    _fail(str(e), EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,15 +1,19 @@
 """What a user watching a long job sees: TensorBoard scalars, a JSONL log, and a progress line with
-rate, ETA, model TFLOP/s per device and MFU (analytic FLOPs; peak by device kind, never guessed)."""
+rate, ETA, model TFLOP/s per device and MFU (analytic FLOPs; peak by device kind, never guessed).
+
+Every message is printed once, by process 0: `log` to stdout, `warn` to stderr.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-import pathlib
+import math
+import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device by jax device_kind prefix.
 PEAK_FLOPS = {
@@ -37,26 +41,47 @@ def peak_flops(device_kind: str):
 
 
 class MetricWriter:
-  """TensorBoard event files and metrics.jsonl in the workdir (written by process 0 only)."""
+  """TensorBoard event files and metrics.jsonl in the workdir (written by process 0 only).
 
-  def __init__(self, workdir):
+  `resume_step`: the step a resumed run restarts from; records of later steps (written before the
+  interruption, and about to be written again) are dropped, so metrics.jsonl holds each step once.
+  Non-finite values are kept (NaN/Infinity in the JSON, as Python and pandas read them) and warned about.
+  """
+
+  def __init__(self, workdir, resume_step: int | None = None):
     self.active = jax.process_index() == 0
-    self.path = pathlib.Path(workdir)
+    self.path = epath.Path(workdir)
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(self.path / "tensorboard"))
-      self.jsonl = open(self.path / "metrics.jsonl", "a")
+      self.jsonl_path = self.path / "metrics.jsonl"
+      if resume_step is not None and self.jsonl_path.exists():
+        kept = [line for line in self.jsonl_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+      self.jsonl = self.jsonl_path.open("a")
 
   def write(self, step: int, scalars: dict):
     if not self.active:
       return
-    clean = {k: float(v) for k, v in scalars.items() if v is not None and np.isfinite(float(v))}
+    clean = {k: float(v) for k, v in scalars.items() if v is not None}
+    bad = sorted(k for k, v in clean.items() if not math.isfinite(v))
+    if bad:
+      warn(f"non-finite metrics at step {step}: {', '.join(f'{k}={clean[k]}' for k in bad)}")
     for k, v in clean.items():
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
     self.jsonl.flush()
     self.tb.flush()
+
+  def last(self, key: str):
+    """The last value of `key` in metrics.jsonl (process 0), or None."""
+    if not self.active or not self.jsonl_path.exists():
+      return None
+    self.jsonl.flush()
+    values = [r[key] for r in map(json.loads, self.jsonl_path.read_text().splitlines()) if key in r]
+    return values[-1] if values else None
 
   def write_image(self, step: int, name: str, image: np.ndarray):
     """An (H, W, 3) uint8 image (a sample grid) into TensorBoard."""
@@ -85,9 +110,16 @@ class Progress:
     self.devices = jax.device_count()
     self.peak = peak_flops(jax.devices()[0].device_kind)
 
+  def restart(self, step: int):
+    """Measure from now and `step` on (after the first step's compilation)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
   def update(self, step: int) -> dict:
+    """Rates since the last update; {} when no step has run since (e.g. right after compiling)."""
     now = time.perf_counter()
-    steps = max(1, step - self.last_step)
+    steps = step - self.last_step
+    if steps <= 0:
+      return {}
     dt = (now - self.last_time) / steps
     self.last_step, self.last_time = step, now
     tflops = self.flops_per_step / dt / self.devices / 1e12
@@ -97,15 +129,22 @@ class Progress:
             "perf/eta_s": (self.total - step) * dt}
 
   def line(self, step: int, loss: float, perf: dict) -> str:
-    eta = perf["perf/eta_s"]
+    head = f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f}"
+    if not perf:
+      return head
     mfu = f"{perf['perf/mfu']:.1%}" if perf["perf/mfu"] is not None else "unknown"
-    return (f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f} | "
-            f"{1 / perf['perf/step_time_s']:.2f} steps/s, {perf['perf/examples_per_s']:.1f} ex/s | "
+    return (f"{head} | {1 / perf['perf/step_time_s']:.2f} steps/s, {perf['perf/examples_per_s']:.1f} ex/s | "
             f"{perf['perf/model_tflops_per_device']:.3f} TFLOP/s/device, MFU {mfu} | "
-            f"ETA {format_eta(eta)}")
+            f"ETA {format_eta(perf['perf/eta_s'])}")
 
 
 def log(msg: str):
+  """One line on stdout, from process 0."""
   if jax.process_index() == 0:
     print(msg, flush=True)
-    logging.info(msg)
+
+
+def warn(msg: str):
+  """One warning line on stderr, from process 0."""
+  if jax.process_index() == 0:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps
 
 from mmdit_jax import parallel
 from mmdit_jax.data import records, writer
+from mmdit_jax.errors import EXIT_BAD_INPUT, UserError
 from mmdit_jax.encoders import sd3
 from mmdit_jax.metrics import format_eta, log
 
@@ -53,12 +55,12 @@ class TfdsItems:
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset
-      raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
+      raise UserError(f"TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
                               f"data_dir {data_dir!r} ({type(e).__name__}: {e})") from e
     keys = list(self.source.dataset_info.features)
     for key in (image_key, label_key or caption_key):
       if key not in keys:
-        raise ValueError(f"{spec}: no feature {key!r}; features: {keys}")
+        raise UserError(f"{spec}: no feature {key!r}; features: {keys}")
     self.keys = (image_key, caption_key, label_key)
     self.id = f"{spec}@{data_dir}:{len(self.source)}"
 
@@ -80,9 +82,9 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
   """Items of a JSONL or CSV manifest; errors name the file, the line and what is wrong."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"manifest {path} does not exist (expected a .jsonl or .csv file)")
+    raise UserError(f"manifest {path} does not exist (expected a .jsonl or .csv file)")
   if path.suffix not in (".jsonl", ".csv"):
-    raise ValueError(f"manifest {path}: unknown format {path.suffix!r}; valid: .jsonl, .csv")
+    raise UserError(f"manifest {path}: unknown format {path.suffix!r}; valid: .jsonl, .csv")
   with open(path, newline="") as f:
     if path.suffix == ".csv":
       rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]  # line 1 is the header
@@ -93,15 +95,15 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
           try:
             rows.append((i, json.loads(line)))
           except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+            raise UserError(f"{path}:{i}: not valid JSON ({e})") from e
   if not rows:
-    raise ValueError(f"manifest {path} has no entries")
+    raise UserError(f"manifest {path} has no entries")
   text_key = label_key or caption_key
   items, missing = [], []
   for line, row in rows:
     for key in (image_key, text_key):
       if not isinstance(row, dict) or key not in row:
-        raise ValueError(f"{path}:{line}: no {key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})")
+        raise UserError(f"{path}:{line}: no {key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})")
     image = (path.parent / str(row[image_key])).resolve()
     if not image.is_file():
       missing.append(str(image))
@@ -109,14 +111,14 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
       try:
         label, caption = int(row[label_key]), None
       except ValueError as e:
-        raise ValueError(f"{path}:{line}: label {row[label_key]!r} is not an integer") from e
+        raise UserError(f"{path}:{line}: label {row[label_key]!r} is not an integer") from e
       if label < 0:
-        raise ValueError(f"{path}:{line}: label {label} is negative")
+        raise UserError(f"{path}:{line}: label {label} is negative")
     else:
       label, caption = None, str(row[caption_key])
     items.append(Item(str(image), caption, label))
   if missing:
-    raise FileNotFoundError(f"{len(missing)} images listed in {path} do not exist, e.g. {missing[:5]}")
+    raise UserError(f"{len(missing)} images listed in {path} do not exist, e.g. {missing[:5]}")
   return items
 
 
@@ -152,22 +154,22 @@ def load_image(image, resolution: int, buckets) -> np.ndarray:
       im = im.crop((left, top, left + w, top + h))
       return np.asarray(im, np.float32) / 127.5 - 1.0
   except (OSError, ValueError, TypeError) as e:
-    raise ValueError(f"cannot read image {where}: {e}") from e
+    raise UserError(f"cannot read image {where}: {e}") from e
 
 
 def _check_config(c, downsample: int | None = None):
   for field in ("input", "output"):
     if not c[field]:
-      raise ValueError(f"config.{field} is empty; see configs/precompute.py for the launch commands")
+      raise UserError(f"config.{field} is empty; see configs/precompute.py for the launch commands")
   if c.storage_dtype not in STORAGE_DTYPES:
-    raise ValueError(f"config.storage_dtype={c.storage_dtype!r}; valid: {STORAGE_DTYPES}")
+    raise UserError(f"config.storage_dtype={c.storage_dtype!r}; valid: {STORAGE_DTYPES}")
   if c.batch_size < 1 or c.examples_per_shard < 1:
-    raise ValueError("config.batch_size and config.examples_per_shard must be positive")
+    raise UserError("config.batch_size and config.examples_per_shard must be positive")
   if downsample:
     sizes = [tuple(b) for b in c.buckets] or [(c.resolution, c.resolution)]
     bad = [s for s in sizes if s[0] % downsample or s[1] % downsample]
     if bad:
-      raise ValueError(f"image sizes {bad} are not multiples of the VAE's downsampling factor {downsample} "
+      raise UserError(f"image sizes {bad} are not multiples of the VAE's downsampling factor {downsample} "
                        "(config.resolution / config.buckets)")
 
 
@@ -274,16 +276,17 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
   if (out / PLAN).is_file():
     old = json.loads((out / PLAN).read_text())
     if old["fingerprint"] != plan["fingerprint"]:
-      raise ValueError(f"{out} holds a precompute started with another manifest or config ({old['input']}); "
+      raise UserError(f"{out} holds a precompute started with another manifest or config ({old['input']}); "
                        "use a new output directory, or delete this one to start over")
   elif index == 0:
     _write_json(out / PLAN, plan)
 
   paths = sd3.EncoderPaths.from_config(c.encoders)
-  mesh = parallel.make_mesh(tuple(c.mesh.ici), devices=jax.local_devices())
-  autoencoder = sd3.Autoencoder(paths.vae, mesh, dtype=c.encoder_dtype)
+  mesh = parallel.make_mesh(c.mesh.ici.to_dict(), devices=jax.local_devices())
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  autoencoder = sd3.Autoencoder(paths.vae, mesh, rules, dtype=c.encoder_dtype)
   _check_config(c, autoencoder.cfg.downsample)
-  text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype)
+  text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, rules, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype)
   dtype = np.dtype(jax.numpy.bfloat16) if c.storage_dtype == "bfloat16" else np.dtype(c.storage_dtype)
 
   mine = [i for i in range(len(shards)) if i % count == index]
@@ -356,8 +359,13 @@ def _finalize(out, c, shards, autoencoder, text, dtype):
 
 def main(argv):
   del argv
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_CONFIG.value)
+  from mmdit_jax.parallel import distributed
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    run(_CONFIG.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The one place where the flow math and the model meet: a pure (state, batch) → (state, metrics) step.
+"""The one place where the flow math and the model meet: a pure (state, batch) → (state, metrics) step,
+and the one builder of its jitted, sharded form (used by training and by --mode=compile alike).
 
-State is a dict of pytrees: step, params, opt_state, ema, and counters of non-finite steps. Per-step
-randomness is fold_in(key(seed), step), so a resumed run draws exactly the numbers the straight one did.
+Per-step randomness is fold_in(key(seed), step), so a resumed run draws exactly the numbers the straight
+one did; the key is made inside the traced step, so nothing here touches a device.
 """
 
 from __future__ import annotations
@@ -11,57 +12,10 @@ import jax.numpy as jnp
 import optax
 
 from mmdit_jax import model
-from mmdit_jax.config import OptimConfig, TrainConfig
+from mmdit_jax.config import TrainConfig
+from mmdit_jax.parallel import batch_sharding
 
 NUM_T_BINS = 8
-
-
-def make_schedule(cfg: OptimConfig, total_steps: int):
-  warmup = optax.linear_schedule(0.0, cfg.lr, max(1, cfg.warmup_steps))
-  decay_steps = max(1, total_steps - cfg.warmup_steps)
-  after = {
-      "constant": optax.constant_schedule(cfg.lr),
-      "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
-      "linear": optax.linear_schedule(cfg.lr, 0.0, decay_steps),
-  }[cfg.schedule]
-  if cfg.warmup_steps <= 0:
-    return after
-  return optax.join_schedules([warmup, after], [cfg.warmup_steps])
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int):
-  schedule = make_schedule(cfg, total_steps)
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
-  return tx, schedule
-
-
-def init_state(model_cfg, tx, key):
-  params = model.init_unjitted(model_cfg, key)
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "ema": jax.tree.map(jnp.copy, params), "nonfinite": jnp.zeros((), jnp.int32),
-          "skipped": jnp.zeros((), jnp.int32)}
-
-
-def state_shardings(model_cfg, tx, mesh, rules):
-  """(abstract state, shardings): optimizer moments and EMA are sharded like the parameters."""
-  abstract = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
-  param_sh = model.param_shardings(model_cfg, mesh, rules)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                 transform_non_params=lambda _: replicated)
-  shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh,
-               "nonfinite": replicated, "skipped": replicated}
-  return abstract, shardings
-
-
-def forward(model_cfg, params, z, t, batch):
-  """The backbone on z_t with whatever conditioning the batch carries."""
-  if isinstance(model_cfg, model.MMDiTConfig):
-    return model.apply(model_cfg, params, z, t, batch["context"], batch["pooled"])
-  if model_cfg.conditioning == "class":
-    return model.apply(model_cfg, params, z, t, labels=batch["label"])
-  return model.apply(model_cfg, params, z, t, context=batch["context"], pooled=batch["pooled"])
 
 
 def per_example_loss(cfg: TrainConfig, params, batch, key):
@@ -72,16 +26,14 @@ def per_example_loss(cfg: TrainConfig, params, batch, key):
   t = f.sample_t(k_t, (x.shape[0],))
   noise = jax.random.normal(k_noise, x.shape, jnp.float32)
   z = f.perturb(x, noise, t)
-  out = forward(cfg.model, params, f.model_input(z, t), t, batch)
+  out = model.forward(cfg.model, params, f.model_input(z, t), t, batch)
   return f.loss(out, x, noise, t), t
 
 
 def make_train_step(cfg: TrainConfig, tx, schedule):
-  base_key = jax.random.key(cfg.seed)
-
   def train_step(state, batch):
     step = state["step"]
-    key = jax.random.fold_in(base_key, step)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
     def loss_fn(params):
       losses, t = per_example_loss(cfg, params, batch, key)
@@ -111,3 +63,20 @@ def make_train_step(cfg: TrainConfig, tx, schedule):
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(cfg: TrainConfig, tx, schedule, state_shardings):
+  """The jitted step: state in and out with its shardings (donated), the batch as it arrives (split over
+  data × fsdp by `parallel.to_global`, or by the shardings of an abstract `batch_spec`)."""
+  return jax.jit(make_train_step(cfg, tx, schedule), in_shardings=(state_shardings, None),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def batch_spec(cfg: TrainConfig, mesh, latent_shape, text_tokens: int) -> dict:
+  """Abstract global batch (ShapeDtypeStructs sharded over data × fsdp) of the backbone's features."""
+  b = cfg.data.global_batch_size
+  m = cfg.model
+  shapes = {"latent": ((b, *latent_shape), jnp.float32), "context": ((b, text_tokens, getattr(m, "context_dim", 0)), jnp.float32),
+            "pooled": ((b, getattr(m, "pooled_dim", 0)), jnp.float32), "label": ((b,), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items() if k == "latent" or k in m.cond_features}

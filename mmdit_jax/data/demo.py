@@ -5,11 +5,13 @@ used directly as the latent (3 channels, scale 1, shift 0). A tiny frozen text e
 "encoders" (clip-like and t5-like token tables with position codes) — gives context (32 tokens × 32)
 and pooled (32) embeddings, so the whole SD3 text path, per-encoder dropout included, is exercised.
 `check(image, caption)` tells which attributes an image gets right: the GenEval-style score.
+
+The class-conditional variant (for DiT) has NUM_CLASSES = 12 labels, colour × shape: one object of the
+label's colour and shape in a random quadrant; `class_accuracy` scores samples against their labels.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import pathlib
 import re
@@ -17,6 +19,7 @@ import re
 import numpy as np
 
 from mmdit_jax.data import records
+from mmdit_jax.errors import UserError
 from mmdit_jax.data.writer import DatasetWriter
 
 SIZE = 32
@@ -27,7 +30,7 @@ MAX_TOKENS = 16
 EMBED = 32
 POOLED_PER_ENCODER = 16
 VOCAB = ("<pad>", "a", "and", "at", "the", "top", "bottom", "left", "right", *COLOURS, *SHAPES)
-DEMO_VERSION = 2  # in the cache path: bump when the data or the encoder changes (2: contextual t5-like states)
+DEMO_VERSION = 3  # in the cache path: bump when the data or the encoder changes (3: "pixels" in the metadata)
 ENCODER_SEED = 1234  # the demo encoder is frozen: fixed tables, independent of the dataset seed
 TEXT_ENCODERS = [
     {"name": "clip", "context_tokens": [0, MAX_TOKENS], "context_channels": [0, EMBED],
@@ -38,10 +41,6 @@ TEXT_ENCODERS = [
 _CAPTION = re.compile(r"a (\w+) (\w+) at the (\w+ \w+)")
 
 
-def all_objects():
-  return list(itertools.product(COLOURS, SHAPES, POSITIONS))
-
-
 def caption(objects) -> str:
   return " and ".join(f"a {c} {s} at the {p}" for c, s, p in objects)
 
@@ -49,7 +48,7 @@ def caption(objects) -> str:
 def parse_caption(text: str):
   objects = _CAPTION.findall(text)
   if not objects or any(c not in COLOURS or s not in SHAPES or p not in POSITIONS for c, s, p in objects):
-    raise ValueError(f"not a demo caption: {text!r} (expected e.g. 'a red circle at the top left and …')")
+    raise UserError(f"not a demo caption: {text!r} (expected e.g. 'a red circle at the top left and …')")
   return objects
 
 
@@ -79,6 +78,21 @@ def render(objects, rng=None) -> np.ndarray:
   return img
 
 
+NUM_CLASSES = len(COLOURS) * len(SHAPES)  # class-conditional demo: label = colour index · 3 + shape index
+
+
+def class_attributes(label: int) -> tuple[str, str]:
+  """(colour, shape) of a class label of the class-conditional demo."""
+  if not 0 <= label < NUM_CLASSES:
+    raise ValueError(f"demo class label {label} outside 0..{NUM_CLASSES - 1}")
+  return list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+
+
+def class_scene(label: int, rng):
+  colour, shape = class_attributes(label)
+  return [(colour, shape, list(POSITIONS)[rng.integers(len(POSITIONS))])]
+
+
 def random_scene(rng):
   positions = rng.choice(list(POSITIONS), size=2, replace=False)
   colours = list(COLOURS)
@@ -106,9 +120,9 @@ class DemoTextEncoder:
     words = text.split()
     unknown = [w for w in words if w not in VOCAB]
     if unknown:
-      raise ValueError(f"demo encoder: unknown words {unknown}; vocabulary: {list(VOCAB[1:])}")
+      raise UserError(f"demo encoder: unknown words {unknown}; vocabulary: {list(VOCAB[1:])}")
     if len(words) > MAX_TOKENS:
-      raise ValueError(f"demo encoder: {len(words)} words exceed {MAX_TOKENS} tokens")
+      raise UserError(f"demo encoder: {len(words)} words exceed {MAX_TOKENS} tokens")
     ids = np.zeros(MAX_TOKENS, np.int64)
     ids[:len(words)] = [VOCAB.index(w) for w in words]
     return ids
@@ -154,7 +168,7 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
   null_context, null_pooled = encoder("")
-  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
             "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
             "text_encoders": TEXT_ENCODERS}
   with DatasetWriter(path, FEATURES, extras, examples_per_shard=examples_per_shard,
@@ -166,20 +180,46 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
   return records.load_metadata(path)
 
 
+CLASS_FEATURES = (records.Feature("latent", (SIZE, SIZE, 3), "float16"), records.Feature("label", (), "int32"))
+
+
+def write_demo_classes(path, num_examples: int, seed: int, examples_per_shard: int = 1024):
+  """Writes `num_examples` single-object scenes with their class labels (colour × shape)."""
+  rng = np.random.default_rng(seed)
+  extras = {"name": f"demo_classes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+            "num_classes": NUM_CLASSES}
+  with DatasetWriter(path, CLASS_FEATURES, extras, examples_per_shard=examples_per_shard, overwrite=True) as w:
+    for _ in range(num_examples):
+      label = int(rng.integers(NUM_CLASSES))
+      w.write({"latent": render(class_scene(label, rng), rng).astype(np.float16), "label": np.int32(label)})
+  return records.load_metadata(path)
+
+
+DEMO_KINDS = {"text": ("demo_shapes", write_demo), "classes": ("demo_classes", write_demo_classes)}
+
+
 def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("MMDIT_JAX_CACHE", pathlib.Path.home() / ".cache" / "mmdit_jax"))
 
 
-def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None) -> str:
-  """Path of the demo dataset split ('train' or 'validation'), writing it on first use."""
+def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None,
+                kind: str = "text") -> str:
+  """Path of a demo dataset split ('train' or 'validation'), writing it on first use.
+
+  kind: 'text' (two-object scenes with captions, for MM-DiT) or 'classes' (one object, labelled by
+  colour × shape, for class-conditional DiT).
+  """
   sizes = {"train": 8192, "validation": 512}
   if split not in sizes:
     raise ValueError(f"unknown demo split {split!r}; valid: {sorted(sizes)}")
+  if kind not in DEMO_KINDS:
+    raise ValueError(f"unknown demo kind {kind!r}; valid: {sorted(DEMO_KINDS)}")
   n = num_examples or sizes[split]
   split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
-  path = pathlib.Path(root or default_cache_dir()) / f"demo_shapes-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
+  name, write = DEMO_KINDS[kind]
+  path = pathlib.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
   if not (path / records.METADATA).is_file():
-    write_demo(path, n, split_seed)
+    write(path, n, split_seed)
   return str(path)
 
 
@@ -229,3 +269,18 @@ def compositional_accuracy(images, captions) -> dict:
   """Mean of `check` over a set of images and their captions."""
   results = [check(img, cap) for img, cap in zip(images, captions)]
   return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+def class_accuracy(images, labels) -> dict:
+  """Class-conditional demo: per image, whether the fullest quadrant holds an object of the label's
+  colour and shape ('colour', 'shape', 'all'), averaged."""
+  scores = {"colour": [], "shape": [], "all": []}
+  for image, label in zip(images, labels):
+    colour, shape = class_attributes(int(label))
+    image = np.asarray(image, np.float32)
+    pos = max(POSITIONS, key=lambda p: (_quadrant(image, p).max(-1) > 0).mean())
+    result = check(image, caption([(colour, shape, pos)]))
+    scores["colour"].append(result["colour"])
+    scores["shape"].append(result["shape"])
+    scores["all"].append(float(result["colour"] and result["shape"]))
+  return {k: float(np.mean(v)) for k, v in scores.items()}

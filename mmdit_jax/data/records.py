@@ -3,7 +3,8 @@
 A record is a uint32 header of every feature's shape, then each feature's raw bytes in metadata order,
 so decoding is a handful of zero-copy `np.frombuffer` views. metadata.json lists the features (shape,
 with null for a dimension that varies, e.g. bucketed latents; dtype), the shards and their counts,
-the latent scale/shift, encoder descriptions and the text-dropout slices; null_embeddings.npz holds
+the latent scale/shift ("pixels": true when the latents are images in [−1, 1]), encoder descriptions
+and the text-dropout slices; null_embeddings.npz holds
 the empty-prompt context and pooled vectors. A dataset is complete iff its metadata.json exists.
 """
 
@@ -15,12 +16,14 @@ import pathlib
 
 import numpy as np
 
+from mmdit_jax.errors import UserError
+
 METADATA = "metadata.json"
 NULL_EMBEDDINGS = "null_embeddings.npz"
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A dataset that does not match its metadata; the message names the file and record."""
 
 

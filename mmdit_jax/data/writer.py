@@ -60,11 +60,6 @@ class DatasetWriter:
       self.shapes.append(tuple(np.shape(example[self.bucket_feature])))
     self.count += 1
 
-  def write_all(self, examples: Iterable[dict]):
-    for ex in examples:
-      self.write(ex)
-    return self
-
   def close(self):
     if self.writer is not None:
       self.writer.close()

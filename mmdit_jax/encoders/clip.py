@@ -17,8 +17,7 @@ from flax import nnx
 
 from mmdit_jax.model import layers
 from mmdit_jax.model.attention import biased_attention
-from mmdit_jax.model.layers import constrain, dense
-from mmdit_jax.model.mmdit import get_dtype
+from mmdit_jax.model.layers import constrain, dense, get_dtype
 from mmdit_jax.model.stack import Stack
 
 ACTIVATIONS = {
@@ -42,6 +41,9 @@ class CLIPTextConfig:
   eos_token_id: int = 49407  # pooled at the first EOS; 2 (old HF configs) → at argmax(ids), as HF does
   eps: float = 1e-5
   dtype: str = "float32"  # compute dtype; parameters stay float32
+
+  def make(self, rngs: nnx.Rngs) -> "CLIPText":
+    return CLIPText(self, rngs)
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:

@@ -18,7 +18,7 @@ from mmdit_jax.encoders.clip import CLIPTextConfig
 from mmdit_jax.encoders.t5 import T5Config
 from mmdit_jax.encoders.vae import VAEConfig
 from mmdit_jax.model import api
-from mmdit_jax.model.convert import ConversionError, check_all_used, fill_params, load_safetensors
+from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params, load_safetensors, need
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -35,7 +35,7 @@ def _from_torch(value: np.ndarray, leaf: str) -> np.ndarray:
 
 
 def _get(tensors, name, used):
-  value = _need(tensors, name)
+  value = need(tensors, name)
   used.add(name)
   return value
 
@@ -64,12 +64,6 @@ def _layer_ids(tensors, pattern):
   return len(ids)
 
 
-def _need(tensors, name):
-  if name not in tensors:
-    raise ConversionError(f"checkpoint lacks tensor {name!r}")
-  return tensors[name]
-
-
 # CLIP text (transformers CLIPTextModel / CLIPTextModelWithProjection).
 
 # What shapes cannot tell, for the checkpoints SD3 uses: (width, depth) → activation.
@@ -84,7 +78,7 @@ def _clip_prefix(tensors):
 def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
   config_json = config_json or {}
   p = _clip_prefix(tensors)
-  vocab, width = _need(tensors, f"{p}embeddings.token_embedding.weight").shape
+  vocab, width = need(tensors, f"{p}embeddings.token_embedding.weight").shape
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
   act = config_json.get("hidden_act") or KNOWN_CLIP.get((width, depth))
   if act is None and "activation" not in overrides:
@@ -96,8 +90,8 @@ def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
                           "dim 64, which does not divide it); pass num_heads=")
   cfg = dict(vocab_size=vocab, width=width, depth=depth,
              num_heads=int(config_json.get("num_attention_heads", width // 64)),
-             mlp_width=_need(tensors, f"{p}encoder.layers.0.mlp.fc1.weight").shape[0],
-             max_tokens=_need(tensors, f"{p}embeddings.position_embedding.weight").shape[0],
+             mlp_width=need(tensors, f"{p}encoder.layers.0.mlp.fc1.weight").shape[0],
+             max_tokens=need(tensors, f"{p}embeddings.position_embedding.weight").shape[0],
              activation=act, projection_dim=None if proj is None else proj.shape[0],
              pooled="unprojected" if proj is None else "projected",
              eos_token_id=int(config_json.get("eos_token_id", 49407)),
@@ -144,11 +138,11 @@ def infer_t5_config(tensors, config_json=None, **overrides) -> T5Config:
     raise ConversionError("a T5 v1.0 checkpoint (ReLU feed-forward 'wi'): only T5 v1.1 (gated GELU, "
                           "'wi_0'/'wi_1') is supported")
   vocab, width = _shared(tensors).shape
-  buckets, heads = _need(tensors, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape
-  inner = _need(tensors, "encoder.block.0.layer.0.SelfAttention.q.weight").shape[0]
+  buckets, heads = need(tensors, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape
+  inner = need(tensors, "encoder.block.0.layer.0.SelfAttention.q.weight").shape[0]
   cfg = dict(vocab_size=vocab, width=width, depth=_layer_ids(tensors, r"encoder\.block\.(\d+)\."),
              num_heads=heads, head_dim=inner // heads,
-             mlp_width=_need(tensors, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape[0],
+             mlp_width=need(tensors, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape[0],
              num_buckets=buckets, max_distance=int(config_json.get("relative_attention_max_distance", 128)),
              eps=float(config_json.get("layer_norm_epsilon", 1e-6)))
   cfg.update(overrides)
@@ -197,10 +191,10 @@ def load_t5(path, shardings_for=None, **overrides):
 def infer_vae_config(tensors, config_json=None, **overrides) -> VAEConfig:
   config_json = config_json or {}
   n_blocks = _layer_ids(tensors, r"encoder\.down_blocks\.(\d+)\.")
-  channels = tuple(int(_need(tensors, f"encoder.down_blocks.{i}.resnets.0.conv2.weight").shape[0])
+  channels = tuple(int(need(tensors, f"encoder.down_blocks.{i}.resnets.0.conv2.weight").shape[0])
                    for i in range(n_blocks))
-  latent = _need(tensors, "encoder.conv_out.weight").shape[0] // 2
-  cfg = dict(in_channels=_need(tensors, "encoder.conv_in.weight").shape[1], latent_channels=latent,
+  latent = need(tensors, "encoder.conv_out.weight").shape[0] // 2
+  cfg = dict(in_channels=need(tensors, "encoder.conv_in.weight").shape[1], latent_channels=latent,
              block_out_channels=channels,
              layers_per_block=_layer_ids(tensors, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
              norm_groups=int(config_json.get("norm_num_groups", 32)),

@@ -18,13 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmdit_jax.model.convert import ConversionError, check_all_used, fill_params
+from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params
 
 
 @dataclasses.dataclass(frozen=True)
 class InceptionConfig:
   resize: int = 299  # 0: no resizing (inputs already 299²)
   dtype: str = "float32"
+
+  def make(self, rngs: nnx.Rngs) -> "FIDInception":
+    return FIDInception(self, rngs)
 
 
 class FrozenBatchNorm(nnx.Module):

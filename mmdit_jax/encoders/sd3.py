@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit_jax import parallel
+from mmdit_jax.errors import UserError
 from mmdit_jax.encoders import convert, vae
 from mmdit_jax.encoders.tokenizer import Tokenizer
 from mmdit_jax.model import api
@@ -54,12 +55,12 @@ class EncoderPaths:
     paths = cls(**fields)
     missing = [r for r in ("clip_l", "clip_g", "vae") if not getattr(paths, r)]
     if missing:
-      raise ValueError(f"encoder paths missing for {missing}: set config.encoders.root to a diffusers SD3 "
+      raise UserError(f"encoder paths missing for {missing}: set config.encoders.root to a diffusers SD3 "
                        f"checkpoint directory, or config.encoders.<role> for each of {list(SD3_LAYOUT)}")
     for role in ("clip_l", "clip_g", "t5", "vae"):
       p = getattr(paths, role)
       if p and not pathlib.Path(p).exists():
-        raise FileNotFoundError(f"config.encoders: {role} weights {p} do not exist")
+        raise UserError(f"config.encoders: {role} weights {p} do not exist")
     return paths
 
 
@@ -138,8 +139,9 @@ class SD3TextEncoder:
     ids_t5 = self.tok_t5(prompts) if self.cfg_t5 is not None else np.zeros((len(prompts), 1), np.int32)
     with jax.set_mesh(self.mesh):
       context, pooled = _encode_text(self.cfg_l, self.cfg_g, self.cfg_t5, self.context_dim, self.t5_tokens,
-                                     self.params, *(parallel.put_batch(i, self.mesh) for i in (ids_l, ids_g, ids_t5)))
-    return np.asarray(context), np.asarray(pooled)
+                                     self.params, *(parallel.put_rows(i, self.mesh) for i in (ids_l, ids_g, ids_t5)))
+    n = len(prompts)
+    return np.asarray(context)[:n], np.asarray(pooled)[:n]
 
   def text_encoder_slices(self) -> list[dict]:
     """Per-encoder slices of context and pooled (metadata for the pipeline's text dropout)."""
@@ -177,12 +179,12 @@ class Autoencoder:
     """(B, H, W, 3) in [−1, 1] → normalised latents (B, H/f, W/f, C): the posterior mean, or a sample
     with the given standard-normal `noise`."""
     with jax.set_mesh(self.mesh):
-      noise = None if noise is None else parallel.put_batch(noise, self.mesh)
-      return np.asarray(_vae_encode(self.cfg, self.params, parallel.put_batch(images, self.mesh), noise))
+      noise = None if noise is None else parallel.put_rows(noise, self.mesh)
+      return np.asarray(_vae_encode(self.cfg, self.params, parallel.put_rows(images, self.mesh), noise))[:len(images)]
 
   def decode(self, latents) -> np.ndarray:
     with jax.set_mesh(self.mesh):
-      return np.asarray(_vae_decode(self.cfg, self.params, parallel.put_batch(latents, self.mesh)))
+      return np.asarray(_vae_decode(self.cfg, self.params, parallel.put_rows(latents, self.mesh)))[:len(latents)]
 
   def describe(self) -> dict:
     return {"path": self.path, "sha256": weights_sha256(self.path), "config": dataclasses.asdict(self.cfg)}

@@ -16,8 +16,7 @@ from flax import nnx
 
 from mmdit_jax.model import layers
 from mmdit_jax.model.attention import biased_attention
-from mmdit_jax.model.layers import constrain, dense
-from mmdit_jax.model.mmdit import get_dtype
+from mmdit_jax.model.layers import constrain, dense, get_dtype
 from mmdit_jax.model.stack import Stack
 
 
@@ -34,6 +33,9 @@ class T5Config:
   eps: float = 1e-6
   dtype: str = "float32"  # compute dtype; bf16 is safe for T5, fp16 overflows
   remat: str = "none"
+
+  def make(self, rngs: nnx.Rngs) -> "T5Encoder":
+    return T5Encoder(self, rngs)
 
 
 T5_XXL = T5Config()

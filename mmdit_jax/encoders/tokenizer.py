@@ -9,6 +9,8 @@ import pathlib
 
 import numpy as np
 
+from mmdit_jax.errors import UserError
+
 # Files that make a directory loadable by transformers.AutoTokenizer, per kind.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
 
@@ -20,7 +22,7 @@ class Tokenizer:
     import transformers  # heavy: imported when a tokenizer is actually needed
     path = pathlib.Path(path)
     if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
-      raise FileNotFoundError(f"no tokenizer at {path}: expected a directory with one of {TOKENIZER_FILES} "
+      raise UserError(f"no tokenizer at {path}: expected a directory with one of {TOKENIZER_FILES} "
                               "(e.g. the tokenizer/ folder of a diffusers SD3 checkpoint)")
     self.path, self.max_length = path, max_length
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmdit_jax.model import api
-from mmdit_jax.model.mmdit import get_dtype
+from mmdit_jax.model.layers import get_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,9 @@ class VAEConfig:
   scaling_factor: float = 1.5305
   shift_factor: float = 0.0609
   dtype: str = "float32"
+
+  def make(self, rngs: nnx.Rngs) -> "AutoencoderKL":
+    return AutoencoderKL(self, rngs)
 
   def __post_init__(self):
     bad = [c for c in self.block_out_channels if c % self.norm_groups]

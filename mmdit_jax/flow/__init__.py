@@ -5,7 +5,6 @@ from mmdit_jax.flow.objectives import (
     VALID_FORMS,
     Formulation,
     parse_formulation,
-    sample_noise_and_t,
     validation_timesteps,
 )
 from mmdit_jax.flow import samplers

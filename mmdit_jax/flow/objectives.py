@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import jax
 import jax.numpy as jnp
 
 from mmdit_jax.flow import paths, predictions, timesteps
@@ -87,10 +86,6 @@ class Formulation:
   def to_x_eps(self, out, z, t):
     return predictions.to_x_eps(self.path, self.prediction, out, z, t)
 
-  def to_velocity(self, out, z, t):
-    """dz_t/dt implied by a prediction: the probability-flow ODE's drift a'_t x̂ + b'_t ε̂."""
-    return predictions.convert(self.path, self.prediction, "velocity", out, z, t)
-
   def weight(self, t):
     """Implied w_t^π = π(t) · (−2 r_t / λ'_t) of the unified loss; see module docstring."""
     path = self.path
@@ -160,9 +155,3 @@ def validation_timesteps(num_levels: int = 8):
   """SD3's validation-loss levels t_i = i/8, i = 0..7 (t = 0 is nudged off the data endpoint)."""
   return jnp.maximum(jnp.arange(num_levels, dtype=jnp.float32) / num_levels, 1e-5)
 
-
-def sample_noise_and_t(formulation: Formulation, key, x):
-  """(noise, t) for a batch x, from one key: the train step's only randomness in the flow math."""
-  k_t, k_noise = jax.random.split(key)
-  t = formulation.sample_t(k_t, (x.shape[0],))
-  return jax.random.normal(k_noise, x.shape, x.dtype), t

@@ -1,18 +1,21 @@
 """Backbones (Flax NNX) behind pure functions: MM-DiT, the DiT family and SD3's comparison baselines."""
 
 from mmdit_jax.model.api import (
+    BACKBONES,
     abstract_params,
     apply,
+    backbone_config,
+    forward,
     graphdef,
     init,
-    init_unjitted,
     init_sharded,
-    logical_specs,
+    init_unjitted,
     param_count,
     param_shardings,
 )
 from mmdit_jax.model.attention import ATTENTION_IMPLS
-from mmdit_jax.model.convert import ConversionError, from_diffusers, infer_config
+from mmdit_jax.model.convert import from_diffusers, infer_config
 from mmdit_jax.model.dit import DIT_SIZES, DiTConfig, dit_config
 from mmdit_jax.model.flops import forward_flops, train_flops
 from mmdit_jax.model.mmdit import MMDiTConfig
+from mmdit_jax.model.weights import ConversionError

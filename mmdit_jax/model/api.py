@@ -1,7 +1,9 @@
-"""Pure-function view of the NNX models: abstract shapes, (sharded) init, apply, parameter counts.
+"""Pure-function view of the NNX models: abstract shapes, (sharded) init, apply, parameter counts, and
+`forward`, the one way every caller (training, validation, sampling, FID) runs a backbone.
 
-The graph definition of a model is a function of its frozen config alone, so `apply(config, params, …)`
-is a plain function of pytrees that `jax.jit` can trace without NNX's per-call overhead.
+The graph definition of a model is a function of its frozen config alone (each config builds its own
+module with `config.make(rngs)`), so `apply(config, params, …)` is a plain function of pytrees that
+`jax.jit` can trace without NNX's per-call overhead.
 """
 
 from __future__ import annotations
@@ -12,31 +14,26 @@ import math
 import jax
 from flax import nnx
 
-from mmdit_jax.model.dit import DiT, DiTConfig
-from mmdit_jax.model.mmdit import MMDiT, MMDiTConfig
+from mmdit_jax.model.dit import DiTConfig
+from mmdit_jax.model.mmdit import MMDiTConfig
 
 
-@functools.cache
-def model_classes() -> dict:
-  """Config type → NNX module: the backbones and the frozen encoders (imported here, not at the top,
-  because the encoders build on model.layers)."""
-  from mmdit_jax.encoders import clip, inception, t5, vae
-  return {MMDiTConfig: MMDiT, DiTConfig: DiT, clip.CLIPTextConfig: clip.CLIPText,
-          t5.T5Config: t5.T5Encoder, vae.VAEConfig: vae.AutoencoderKL,
-          inception.InceptionConfig: inception.FIDInception}
+# The backbones by config.model.name: the config dataclass of each (its fields are the config's keys).
+BACKBONES = {"mmdit": MMDiTConfig, "dit": DiTConfig}
 
 
-def _model_class(config):
-  classes = model_classes()
-  if type(config) not in classes:
-    raise TypeError(f"not a model config: {type(config).__name__}; valid: "
-                    f"{[c.__name__ for c in classes]}")
-  return classes[type(config)]
+def backbone_config(name: str, **fields):
+  """The frozen config of backbone `name` (a key of BACKBONES) with `fields`; errors list what is valid."""
+  if name not in BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; valid: {sorted(BACKBONES)}")
+  return BACKBONES[name](**fields)
 
 
 def _construct(config, key):
+  if not hasattr(config, "make"):
+    raise TypeError(f"not a model config: {type(config).__name__} has no make(rngs)")
   with nnx.use_eager_sharding(False):
-    return _model_class(config)(config, nnx.Rngs(params=key))
+    return config.make(nnx.Rngs(params=key))
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,11 +60,6 @@ init = jax.jit(init_unjitted, static_argnums=0)
 init.__doc__ = "Parameters (an nnx.State of arrays), initialised in one compiled call."
 
 
-def logical_specs(config):
-  """PartitionSpecs of the parameters in logical axis names."""
-  return nnx.get_partition_spec(abstract_params(config))
-
-
 def param_shardings(config, mesh, rules):
   """NamedShardings of the parameters on `mesh` under logical-axis `rules`."""
   with nnx.logical_axis_rules(rules):
@@ -89,6 +81,16 @@ def apply(config, params, *args, method: str = "__call__", **kwargs):
   """
   model = nnx.merge(graphdef(config), params)
   return getattr(model, method)(*args, **kwargs)
+
+
+def forward(config, params, z, t, cond: dict, **kwargs):
+  """A backbone on z_t (B, h, w, C) at t (B,) with conditioning `cond` ({context, pooled} or {label}):
+  its prediction (B, h, w, C) in float32. kwargs reach the module (MM-DiT: skip_layers)."""
+  missing = [k for k in config.cond_features if k not in cond]
+  if missing:
+    raise ValueError(f"{type(config).__name__} is conditioned on {list(config.cond_features)}; the batch "
+                     f"lacks {missing} (has {sorted(cond)})")
+  return apply(config, params, z, t, {k: cond[k] for k in config.cond_features}, **kwargs)
 
 
 def param_count(config) -> int:

@@ -1,14 +1,18 @@
-"""Multi-head attention kernels behind one signature, chosen by name.
+"""Multi-head attention: the kernels behind one signature, chosen by name, and the projection module.
 
-q, k, v: (B, S, H, K) → (B, S, H, K). "xla" is a plain einsum/softmax (float32 logits) that runs
-everywhere; "cudnn" is cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16);
-"dot_product" lets JAX pick. A TPU Pallas splash-attention kernel plugs in here as another entry.
+Kernels take q, k, v (B, S, H, K) → (B, S, H, K). "xla" is a plain einsum/softmax (float32 logits) that
+runs everywhere; "cudnn" is cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16);
+"dot_product" lets JAX pick.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from mmdit_jax.model import layers
+from mmdit_jax.model.layers import constrain, dense
 
 
 def xla_attention(q, k, v):
@@ -48,3 +52,34 @@ def get_attention(name: str):
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {name!r}; valid: {sorted(ATTENTION_IMPLS)}")
   return ATTENTION_IMPLS[name]
+
+
+class Attention(nnx.Module):
+  """q, k, v projections (with optional RMSNorm on q and k) of one stream, and the output projection."""
+
+  def __init__(self, d, heads, rngs, *, dtype, qk_norm=False, out=True, kv_dim=None):
+    self.heads = heads
+    self.q = dense(d, d, ("embed", "heads"), rngs, dtype=dtype)
+    self.k = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
+    self.v = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
+    head_dim = d // heads
+    self.q_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
+    self.k_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
+    self.out = dense(d, d, ("heads", "embed"), rngs, dtype=dtype) if out else None
+
+  def _split(self, y):
+    b, n, d = y.shape
+    return constrain(y.reshape(b, n, self.heads, d // self.heads), "act_batch", "act_seq", "act_heads", None)
+
+  def qkv(self, x, context=None):
+    """(q, k, v), each (B, N, H, K); k and v from `context` for cross-attention."""
+    kv = x if context is None else context
+    q, k, v = self._split(self.q(x)), self._split(self.k(kv)), self._split(self.v(kv))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+  def __call__(self, x, attend, context=None):
+    """Self-attention of x, or cross-attention from x to `context`; output projected, (B, N, D)."""
+    o = attend(*self.qkv(x, context))  # (B, N, H, K)
+    return self.out(o.reshape(x.shape))

@@ -6,19 +6,15 @@ tensor must be used exactly once and have the expected shape, or the import fail
 
 from __future__ import annotations
 
-import json
 import math
-import pathlib
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from safetensors import safe_open
 
-from mmdit_jax.model import api, layers
+from mmdit_jax.model import layers
 from mmdit_jax.model.mmdit import MMDiTConfig
+from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params, load_safetensors
+from mmdit_jax.model.weights import need
 
 # Our block-relative path → diffusers block-relative name (Linear layers; kernels are transposed).
 _STREAM_LINEARS = {
@@ -60,40 +56,10 @@ _TOP_LINEARS = {
 }
 
 
-class ConversionError(ValueError):
-  """A checkpoint that does not fit the model: names the offending tensors."""
-
-
-def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
-  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any."""
-  path = pathlib.Path(path)
-  if path.is_dir():
-    files = sorted(path.glob("*.safetensors"))
-    config_path = path / "config.json"
-  else:
-    files = [path]
-    config_path = path.parent / "config.json"
-  if not files or not all(f.is_file() for f in files):
-    raise FileNotFoundError(f"no .safetensors weights at {path}")
-  tensors = {}
-  for f in files:
-    with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
-      for name in handle.keys():
-        tensors[name] = np.asarray(handle.get_tensor(name), dtype=np.float32)
-  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-  return tensors, config
-
-
-def _need(tensors, name):
-  if name not in tensors:
-    raise ConversionError(f"checkpoint lacks tensor {name!r}")
-  return tensors[name]
-
-
 def infer_config(tensors: dict, config_json: dict | None = None, **overrides) -> MMDiTConfig:
   """MMDiTConfig from tensor shapes; heads from QK-norm shapes, config.json, or head dim 64."""
   config_json = config_json or {}
-  proj = _need(tensors, "pos_embed.proj.weight")  # (D, C, P, P)
+  proj = need(tensors, "pos_embed.proj.weight")  # (D, C, P, P)
   width, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
   layer_ids = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
   if not layer_ids or layer_ids != list(range(len(layer_ids))):
@@ -107,7 +73,7 @@ def infer_config(tensors: dict, config_json: dict | None = None, **overrides) ->
   else:
     heads = width // 64  # SD3's rule: head dim 64
   dual = tuple(i for i in layer_ids if f"transformer_blocks.{i}.attn2.to_q.weight" in tensors)
-  pos = _need(tensors, "pos_embed.pos_embed")  # (1, M·M, D)
+  pos = need(tensors, "pos_embed.pos_embed")  # (1, M·M, D)
   max_size = math.isqrt(pos.shape[1])
   if "sample_size" in config_json:
     sample_size = int(config_json["sample_size"])
@@ -115,12 +81,12 @@ def infer_config(tensors: dict, config_json: dict | None = None, **overrides) ->
     # Token (0, 1) of the grid sits at width position base/max; channel 0 holds sin(position).
     base = round(float(np.arcsin(np.clip(pos[0, 1, 0], -1, 1))) * max_size)
     sample_size = base * patch
-  mlp = _need(tensors, "transformer_blocks.0.ff.net.0.proj.weight").shape[0]
+  mlp = need(tensors, "transformer_blocks.0.ff.net.0.proj.weight").shape[0]
   cfg = dict(
       depth=depth, hidden_size=width, num_heads=heads, mlp_ratio=mlp / width, patch_size=patch,
-      in_channels=in_ch, out_channels=_need(tensors, "proj_out.weight").shape[0] // (patch * patch),
-      context_dim=_need(tensors, "context_embedder.weight").shape[1],
-      pooled_dim=_need(tensors, "time_text_embed.text_embedder.linear_1.weight").shape[1],
+      in_channels=in_ch, out_channels=need(tensors, "proj_out.weight").shape[0] // (patch * patch),
+      context_dim=need(tensors, "context_embedder.weight").shape[1],
+      pooled_dim=need(tensors, "time_text_embed.text_embedder.linear_1.weight").shape[1],
       pos_embed_max_size=max_size, sample_size=sample_size, qk_norm=qk_norm, dual_attention_layers=dual)
   cfg.update(overrides)
   return MMDiTConfig(**cfg)
@@ -134,7 +100,7 @@ def _block_tensors(tensors, layer, used):
     name = prefix + theirs
     if name + ".weight" in tensors:
       out[ours + ("kernel",)] = tensors[name + ".weight"].T
-      out[ours + ("bias",)] = _need(tensors, name + ".bias")
+      out[ours + ("bias",)] = need(tensors, name + ".bias")
       used.update({name + ".weight", name + ".bias"})
   for ours, theirs in _STREAM_NORMS.items():
     name = prefix + theirs + ".weight"
@@ -150,11 +116,11 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
   flat = {}
   proj = tensors["pos_embed.proj.weight"]  # (D, C, P, P) → (P·P·C, D), patch order (p, q, c)
   flat[("x_embedder", "kernel")] = proj.transpose(2, 3, 1, 0).reshape(-1, proj.shape[0])
-  flat[("x_embedder", "bias")] = _need(tensors, "pos_embed.proj.bias")
+  flat[("x_embedder", "bias")] = need(tensors, "pos_embed.proj.bias")
   used.update({"pos_embed.proj.weight", "pos_embed.proj.bias"})
   for ours, theirs in _TOP_LINEARS.items():
-    flat[ours + ("kernel",)] = _need(tensors, theirs + ".weight").T
-    flat[ours + ("bias",)] = _need(tensors, theirs + ".bias")
+    flat[ours + ("kernel",)] = need(tensors, theirs + ".weight").T
+    flat[ours + ("bias",)] = need(tensors, theirs + ".bias")
     used.update({theirs + ".weight", theirs + ".bias"})
   for s, (first, n, _) in enumerate(cfg.stages()):
     blocks = [_block_tensors(tensors, i, used) for i in range(first, first + n)]
@@ -175,41 +141,6 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
 
   check_all_used(tensors, used)
   return fill_params(cfg, flat)
-
-
-def check_all_used(tensors: dict, used: set):
-  unknown = sorted(set(tensors) - used)
-  if unknown:
-    raise ConversionError(f"{len(unknown)} checkpoint tensors have no place in the model: {unknown[:20]}")
-
-
-def fill_params(cfg, flat: dict, shardings=None):
-  """An nnx.State of `cfg`'s parameters from {path tuple: array}; names missing or mis-shaped paths.
-
-  With `shardings` (api.param_shardings), each tensor goes straight to its shards, so a large encoder is
-  never whole on one device.
-  """
-  abstract = nnx.to_flat_state(api.abstract_params(cfg))
-  expected_paths = {path: var.shape for path, var in abstract}
-  missing = sorted(map(str, set(expected_paths) - set(flat)))
-  if missing:
-    raise ConversionError(f"checkpoint lacks parameters for: {missing[:20]}")
-  wrong = [f"{p}: checkpoint {flat[p].shape} vs model {expected_paths[p]}" for p in expected_paths
-           if flat[p].shape != expected_paths[p]]
-  if wrong:
-    raise ConversionError("shape mismatch: " + "; ".join(wrong[:20]))
-  state = api.abstract_params(cfg)
-  where = {path: (v.get_value() if isinstance(v, nnx.Variable) else v)
-           for path, v in nnx.to_flat_state(shardings)} if shardings is not None else {}
-  pure = {}
-  for path, value in flat.items():
-    node = pure
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    value = np.asarray(value, np.float32)
-    node[path[-1]] = jax.device_put(value, where[path]) if path in where else jnp.asarray(value)
-  nnx.replace_by_pure_dict(state, pure)
-  return state
 
 
 def from_diffusers(path, **overrides):

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mmdit_jax.model import layers
-from mmdit_jax.model.attention import get_attention
-from mmdit_jax.model.layers import constrain, dense, layer_norm, modulate
-from mmdit_jax.model.mmdit import Attention, get_dtype
+from mmdit_jax.model.attention import Attention, get_attention
+from mmdit_jax.model.layers import constrain, dense, get_dtype, layer_norm
 from mmdit_jax.model.stack import Stack, check_remat
 
 # DiT Table 1: name → (layers, width, heads).
@@ -77,6 +75,20 @@ class DiTConfig:
     return self.out_channels or self.in_channels
 
   @property
+  def cond_features(self) -> tuple[str, ...]:
+    """The batch features the backbone is conditioned on."""
+    return ("label",) if self.conditioning == "class" else ("context", "pooled")
+
+  def make(self, rngs: nnx.Rngs) -> "DiT":
+    return DiT(self, rngs)
+
+  def null_cond(self, text_null: dict | None = None) -> dict:
+    """The unconditional input of classifier-free guidance: the null class, or the empty prompt."""
+    if self.conditioning == "class":
+      return {"label": jnp.asarray(self.num_classes, jnp.int32)}
+    return {k: text_null[k] for k in ("context", "pooled")}
+
+  @property
   def adaptive(self) -> bool:
     """Whether blocks are modulated by c (adaLN(-Zero)); CrossDiT on text is, class cross-attn isn't."""
     return self.block in ("adaln_zero", "adaln") or (self.block == "cross_attn" and self.conditioning == "text")
@@ -101,7 +113,7 @@ class Block(nnx.Module):
     self.skip = dense(2 * d, d, ("mlp", "embed"), rngs, dtype=dt) if skip else None
     if self.adaptive:
       chunks = 4 if cfg.block == "adaln" else 6
-      self.mod = dense(d, chunks * d, ("embed", "cond"), rngs, dtype=dt, zero=cfg.block != "adaln")
+      self.mod = dense(d, chunks * d, ("embed", "modulation"), rngs, dtype=dt, zero=cfg.block != "adaln")
     else:
       self.norm1, self.norm2 = layers.LayerNorm(d, rngs), layers.LayerNorm(d, rngs)
     self.attn = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm)
@@ -113,17 +125,12 @@ class Block(nnx.Module):
   def __call__(self, x, vec, context, skip_x=None):
     if self.skip is not None:
       x = self.skip(jnp.concatenate([x, skip_x], axis=-1))
-    if self.adaptive:
-      m = jnp.split(self.mod(jax.nn.silu(vec)), 4 if self.kind == "adaln" else 6, axis=-1)
-      if self.kind == "adaln":  # no gates: γ, β only
-        shift1, scale1, shift2, scale2 = m
-        gate1 = gate2 = jnp.ones_like(shift1)
-      else:
-        shift1, scale1, gate1, shift2, scale2, gate2 = m
-      x = x + gate1[:, None] * self.attn(modulate(layer_norm(x), shift1, scale1), self.attend)
+    if self.adaptive:  # adaLN-Zero: (shift, scale, gate) per branch; adaLN: (shift, scale), no gates
+      attn_mod, mlp_mod = layers.modulations(self.mod, vec, 2, gated=self.kind != "adaln")
+      x = x + attn_mod.gated(self.attn(attn_mod(layer_norm(x)), self.attend))
       if self.kind == "cross_attn":
         x = x + self.cross(self.norm_cross(x), self.attend, context)
-      x = x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+      x = x + mlp_mod.gated(self.mlp(mlp_mod(layer_norm(x))))
     else:
       x = x + self.attn(self.norm1(x), self.attend)
       if self.kind == "cross_attn":
@@ -138,7 +145,7 @@ class DiT(nnx.Module):
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dt, p = cfg.width, get_dtype(cfg.dtype), cfg.patch_size
-    self.x_embedder = dense(p * p * cfg.in_channels, d, ("cond", "embed"), rngs, dtype=dt)
+    self.x_embedder = dense(p * p * cfg.in_channels, d, ("patch", "embed"), rngs, dtype=dt)
     self.t_embedder = layers.MLPEmbedder(256, d, rngs, dt, init=nnx.initializers.normal(0.02))
     if cfg.conditioning == "class":
       self.y_embedder = nnx.Embed(cfg.num_classes + 1, d, dtype=dt, param_dtype=jnp.float32, rngs=rngs,
@@ -146,7 +153,7 @@ class DiT(nnx.Module):
                                                                        ("vocab", "embed")))
     else:
       self.y_embedder = layers.MLPEmbedder(cfg.pooled_dim, d, rngs, dt)
-      self.context_embedder = dense(cfg.context_dim, d, ("cond", "embed"), rngs, dtype=dt)
+      self.context_embedder = dense(cfg.context_dim, d, ("context_in", "embed"), rngs, dtype=dt)
     block = lambda r, skip=False: Block(cfg, r, skip=skip)
     if cfg.long_skip:
       half = cfg.depth // 2
@@ -155,11 +162,11 @@ class DiT(nnx.Module):
       self.out_blocks = Stack(lambda r: block(r, skip=True), half, rngs)
     else:
       self.blocks = Stack(block, cfg.depth, rngs)
-    self.norm_out = dense(d, 2 * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
-    self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "cond"), rngs, dtype=dt, zero=True)
+    self.norm_out = dense(d, 2 * d, ("embed", "modulation"), rngs, dtype=dt, zero=True)
+    self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "patch"), rngs, dtype=dt, zero=True)
 
-  def __call__(self, latents, t, labels=None, context=None, pooled=None):
-    """latents (B, h, w, C), t (B,) in [0, 1]; labels (B,) int, or context (B, T, ·) and pooled (B, ·)."""
+  def __call__(self, latents, t, cond):
+    """latents (B, h, w, C), t (B,) in [0, 1]; cond {label (B,) int} or {context (B, T, ·), pooled (B, ·)}."""
     cfg = self.cfg
     dt, p = get_dtype(cfg.dtype), cfg.patch_size
     b, h, w, _ = latents.shape
@@ -168,14 +175,14 @@ class DiT(nnx.Module):
     pos = layers.sincos_pos_embed(cfg.width, h // p, w // p, base_size=cfg.input_size // p)
     x = self.x_embedder(layers.patchify(latents.astype(dt), p)) + pos.astype(dt)  # (B, L, D)
     t_emb = self.t_embedder(layers.timestep_embedding(1000.0 * t).astype(dt))  # (B, D)
+    missing = [k for k in cfg.cond_features if k not in cond]
+    if missing:
+      raise ValueError(f"{cfg.conditioning}-conditional DiT needs cond {list(cfg.cond_features)}; missing {missing}")
     if cfg.conditioning == "class":
-      if labels is None:
-        raise ValueError("class-conditional DiT needs labels")
-      y_emb, txt = self.y_embedder(labels), None
+      y_emb, txt = self.y_embedder(cond["label"]), None
     else:
-      if context is None or pooled is None:
-        raise ValueError("text-conditional DiT needs context and pooled")
-      y_emb, txt = self.y_embedder(pooled.astype(dt)), self.context_embedder(context.astype(dt))
+      y_emb = self.y_embedder(cond["pooled"].astype(dt))
+      txt = self.context_embedder(cond["context"].astype(dt))
     vec = t_emb + y_emb  # (B, D)
     cond_tokens = jnp.stack([t_emb, y_emb], axis=1)  # (B, 2, D)
     if txt is not None:

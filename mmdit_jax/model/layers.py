@@ -1,12 +1,21 @@
-"""Shared layers: dense with logical axes, norms, modulation, MLP, timestep and position embeddings.
+"""Shared layers: compute dtypes, dense with logical axes, norms, adaLN modulation, MLP, timestep and
+position embeddings.
 
-Logical parameter axes: embed, mlp, heads, kv, layers, vocab, cond. Activation axes: act_batch, act_seq,
-act_embed, act_heads, act_mlp. Parameters are float32; `dtype` is the compute dtype.
+Logical parameter axes, each named for what it is:
+  embed       the model width D                  mlp         the MLP hidden width F
+  heads       H·K of the q/k/v and output projections   kv   the head dim K (QK-norm scales)
+  layers      the stacked-layer axis of a scan   vocab       rows of an embedding table
+  modulation  the k·D outputs of an adaLN modulation
+  patch       P·P·C pixels of a patch (patch embedder in, final projection out)
+  context_in  the width of the text context      vec_in      the pooled-text / timestep-frequency input
+Activation axes: act_batch, act_seq, act_embed, act_heads, act_mlp. The rules that map them onto mesh
+axes are config data (config.sharding_rules). Parameters are float32; `dtype` is the compute dtype.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +25,16 @@ from flax.core import spmd as flax_spmd
 
 ZERO = nnx.initializers.zeros_init()
 XAVIER = nnx.initializers.xavier_uniform()
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Every logical axis name a module may use; config.sharding_rules maps them onto mesh axes.
+LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "layers", "vocab", "modulation", "patch", "context_in", "vec_in",
+                "act_batch", "act_seq", "act_embed", "act_heads", "act_mlp")
+
+
+def get_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
 def dense(in_features, out_features, axes, rngs, *, dtype=jnp.float32, zero=False, bias=True, init=None):
@@ -77,6 +96,34 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+class ModulationOut(NamedTuple):
+  """One adaLN modulation, each (B, D): y = x · (1 + scale) + shift, and the residual gate (None: 1)."""
+  shift: jax.Array
+  scale: jax.Array
+  gate: jax.Array | None = None
+
+  def __call__(self, x):
+    return modulate(x, self.shift, self.scale)
+
+  def gated(self, y):
+    """The residual branch y (B, N, D) times the gate."""
+    return y if self.gate is None else self.gate[:, None] * y
+
+
+def modulations(linear, vec, n: int, *, gated: bool = True) -> list[ModulationOut]:
+  """adaLN(-Zero): Linear(SiLU(c)) cut into n (shift, scale[, gate]) groups, in that order (DiT, SD3)."""
+  per = 3 if gated else 2
+  chunks = jnp.split(linear(jax.nn.silu(vec)), per * n, axis=-1)
+  return [ModulationOut(*chunks[per * i:per * (i + 1)]) for i in range(n)]
+
+
+def continuous_modulation(linear, vec, *, scale_first: bool) -> ModulationOut:
+  """Ungated (shift, scale) of a final or pre-only layer. diffusers' AdaLayerNormContinuous (SD3) chunks
+  its output as (scale, shift), DiT as (shift, scale); `scale_first` keeps each loadable from its weights."""
+  first, second = jnp.split(linear(jax.nn.silu(vec)), 2, axis=-1)
+  return ModulationOut(shift=second, scale=first) if scale_first else ModulationOut(shift=first, scale=second)
+
+
 class MLP(nnx.Module):
   """Linear → tanh-GELU → Linear (diffusers' "gelu-approximate" FeedForward)."""
 
@@ -101,7 +148,7 @@ class MLPEmbedder(nnx.Module):
   """Linear → SiLU → Linear: the timestep and pooled-text embedders."""
 
   def __init__(self, in_dim, dim, rngs, dtype, init=None):
-    self.linear_1 = dense(in_dim, dim, ("cond", "embed"), rngs, dtype=dtype, init=init)
+    self.linear_1 = dense(in_dim, dim, ("vec_in", "embed"), rngs, dtype=dtype, init=init)
     self.linear_2 = dense(dim, dim, ("mlp", "embed"), rngs, dtype=dtype, init=init)
 
   def __call__(self, x):
@@ -139,14 +186,9 @@ def sincos_pos_embed(dim, h, w, max_size=None, base_size=None):
 
 
 def final_layer(norm_out, proj_out, x, vec, p, h, w, *, scale_first: bool):
-  """adaLN from c, Linear, unpatchify: (B, L, D) → (B, h, w, C) in float32.
-
-  diffusers' AdaLayerNormContinuous (SD3) chunks its modulation as (scale, shift), DiT as (shift, scale);
-  `scale_first` keeps each model loadable from its reference weights.
-  """
-  first, second = jnp.split(norm_out(jax.nn.silu(vec)), 2, axis=-1)
-  scale, shift = (first, second) if scale_first else (second, first)
-  out = proj_out(modulate(layer_norm(x), shift, scale))  # (B, L, P·P·C)
+  """adaLN from c, Linear, unpatchify: (B, L, D) → (B, h, w, C) in float32."""
+  mod = continuous_modulation(norm_out, vec, scale_first=scale_first)
+  out = proj_out(mod(layer_norm(x)))  # (B, L, P·P·C)
   return unpatchify(out, p, h, w).astype(jnp.float32)
 
 

@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mmdit_jax.model import layers
-from mmdit_jax.model.attention import get_attention
-from mmdit_jax.model.layers import constrain, dense, layer_norm, modulate
+from mmdit_jax.model.attention import Attention, get_attention
+from mmdit_jax.model.layers import constrain, dense, get_dtype, layer_norm
 from mmdit_jax.model.stack import Stack, check_remat
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def get_dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
-  return DTYPES[name]
+TEXT_COND = ("context", "pooled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +72,15 @@ class MMDiTConfig:
   def num_text_streams(self) -> int:
     return max(1, len(self.text_streams))
 
+  cond_features = TEXT_COND  # the batch features the backbone is conditioned on
+
+  def make(self, rngs: nnx.Rngs) -> "MMDiT":
+    return MMDiT(self, rngs)
+
+  def null_cond(self, text_null: dict) -> dict:
+    """The unconditional input of classifier-free guidance: the empty prompt's embeddings."""
+    return {k: text_null[k] for k in TEXT_COND}
+
   def stages(self) -> tuple[tuple[int, int, bool], ...]:
     """Runs of consecutive non-final layers with the same structure: (first layer, count, dual)."""
     runs = []
@@ -91,39 +93,6 @@ class MMDiTConfig:
     return tuple(tuple(r) for r in runs)
 
 
-class Attention(nnx.Module):
-  """q, k, v projections (with optional RMSNorm on q and k) of one stream; the output projection."""
-
-  def __init__(self, d, heads, rngs, *, dtype, qk_norm=False, out=True, kv_dim=None):
-    self.heads = heads
-    self.q = dense(d, d, ("embed", "heads"), rngs, dtype=dtype)
-    self.k = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
-    self.v = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
-    head_dim = d // heads
-    self.q_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
-    self.k_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
-    self.out = dense(d, d, ("heads", "embed"), rngs, dtype=dtype) if out else None
-
-  def _split(self, y):
-    b, n, d = y.shape
-    return constrain(y.reshape(b, n, self.heads, d // self.heads), "act_batch", "act_seq", "act_heads", None)
-
-  def __call__(self, x, attend, context=None):
-    """Self-attention of x, or cross-attention from x to `context`; output projected, (B, N, D)."""
-    kv = x if context is None else context
-    q, k, v = self._split(self.q(x)), self._split(self.k(kv)), self._split(self.v(kv))
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    o = attend(q, k, v)  # (B, N, H, K)
-    return self.out(o.reshape(x.shape))
-
-  def qkv(self, x):
-    q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))  # (B, N, H, K)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    return q, k, v
-
-
 class Stream(nnx.Module):
   """One stream's weights in a joint block: modulation, attention projections and MLP.
 
@@ -134,10 +103,16 @@ class Stream(nnx.Module):
     d, dt = cfg.width, get_dtype(cfg.dtype)
     self.pre_only, self.dual = pre_only, dual
     chunks = 2 if pre_only else (9 if dual else 6)
-    self.mod = dense(d, chunks * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
+    self.mod = dense(d, chunks * d, ("embed", "modulation"), rngs, dtype=dt, zero=True)
     self.attn = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm, out=not pre_only)
     self.mlp = None if pre_only else layers.MLP(d, cfg.mlp_width, rngs, dt)
     self.attn2 = Attention(d, cfg.heads, rngs, dtype=dt, qk_norm=cfg.qk_norm) if dual else None
+
+  def modulations(self, vec) -> list[layers.ModulationOut]:
+    """[attention, MLP(, second attention)] modulations; a pre-only stream's one (scale, shift)."""
+    if self.pre_only:
+      return [layers.continuous_modulation(self.mod, vec, scale_first=True)]
+    return layers.modulations(self.mod, vec, 3 if self.dual else 2)
 
 
 def _joint_attention(streams, xs, attend):
@@ -164,33 +139,23 @@ class JointBlock(nnx.Module):
 
   def __call__(self, carry, vec):
     img, txts = carry  # (B, L, D), [(B, T_i, D)]
-    silu_vec = jax.nn.silu(vec)
-    img_mod = jnp.split(self.img.mod(silu_vec), 9 if self.img.dual else 6, axis=-1)
+    img_mods = self.img.modulations(vec)  # attention, MLP(, second attention)
     img_norm = layer_norm(img)
-    xs = [modulate(img_norm, img_mod[0], img_mod[1])]
-    txt_mods = []
-    for stream, txt in zip(self.txt, txts):
-      if stream.pre_only:
-        scale, shift = jnp.split(stream.mod(silu_vec), 2, axis=-1)
-        xs.append(modulate(layer_norm(txt), shift, scale))
-      else:
-        m = jnp.split(stream.mod(silu_vec), 6, axis=-1)
-        txt_mods.append(m)
-        xs.append(modulate(layer_norm(txt), m[0], m[1]))
+    txt_mods = [stream.modulations(vec) for stream in self.txt]
+    xs = [img_mods[0](img_norm)] + [m[0](layer_norm(txt)) for m, txt in zip(txt_mods, txts)]
 
     outs = _joint_attention([self.img, *self.txt], xs, self.attend)
-    img = img + img_mod[2][:, None] * self.img.attn.out(outs[0])
+    img = img + img_mods[0].gated(self.img.attn.out(outs[0]))
     if self.img.dual:
-      x2 = modulate(img_norm, img_mod[6], img_mod[7])
-      img = img + img_mod[8][:, None] * self.img.attn2(x2, self.attend)
-    img = img + img_mod[5][:, None] * self.img.mlp(modulate(layer_norm(img), img_mod[3], img_mod[4]))
+      img = img + img_mods[2].gated(self.img.attn2(img_mods[2](img_norm), self.attend))
+    img = img + img_mods[1].gated(self.img.mlp(img_mods[1](layer_norm(img))))
     img = constrain(img, "act_batch", "act_seq", "act_embed")
     if self.pre_only:
       return img, txts
     new_txts = []
     for stream, txt, m, o in zip(self.txt, txts, txt_mods, outs[1:]):
-      txt = txt + m[2][:, None] * stream.attn.out(o)
-      txt = txt + m[5][:, None] * stream.mlp(modulate(layer_norm(txt), m[3], m[4]))
+      txt = txt + m[0].gated(stream.attn.out(o))
+      txt = txt + m[1].gated(stream.mlp(m[1](layer_norm(txt))))
       new_txts.append(constrain(txt, "act_batch", "act_seq", "act_embed"))
     return img, new_txts
 
@@ -201,17 +166,17 @@ class MMDiT(nnx.Module):
   def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dt, p = cfg.width, get_dtype(cfg.dtype), cfg.patch_size
-    self.x_embedder = dense(p * p * cfg.in_channels, d, ("cond", "embed"), rngs, dtype=dt)
+    self.x_embedder = dense(p * p * cfg.in_channels, d, ("patch", "embed"), rngs, dtype=dt)
     self.t_embedder = layers.MLPEmbedder(256, d, rngs, dt, init=nnx.initializers.normal(0.02))
     self.y_embedder = layers.MLPEmbedder(cfg.pooled_dim, d, rngs, dt)
     self.context_embedder = nnx.List(
-        [dense(cfg.context_dim, d, ("cond", "embed"), rngs, dtype=dt) for _ in range(cfg.num_text_streams)])
+        [dense(cfg.context_dim, d, ("context_in", "embed"), rngs, dtype=dt) for _ in range(cfg.num_text_streams)])
     self.stages = nnx.List([
         Stack(lambda r, dual=dual: JointBlock(cfg, r, dual=dual), n, rngs) for _, n, dual in cfg.stages()])
     self.final_block = JointBlock(cfg, rngs, dual=(cfg.depth - 1) in cfg.dual_attention_layers,
                                   pre_only=True)
-    self.norm_out = dense(d, 2 * d, ("embed", "cond"), rngs, dtype=dt, zero=True)
-    self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "cond"), rngs, dtype=dt, zero=True)
+    self.norm_out = dense(d, 2 * d, ("embed", "modulation"), rngs, dtype=dt, zero=True)
+    self.proj_out = dense(d, p * p * cfg.out_dim, ("embed", "patch"), rngs, dtype=dt, zero=True)
 
   def conditioning(self, t, pooled):
     """c = MLP(sinusoidal(1000·t)) + MLP(pooled), shape (B, D)."""
@@ -230,9 +195,11 @@ class MMDiT(nnx.Module):
       bounds.append(bounds[-1] + n)
     return [context[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-  def __call__(self, latents, t, context, pooled, *, skip_layers=None):
-    """latents (B, h, w, C), t (B,) in [0, 1], context (B, T, context_dim), pooled (B, pooled_dim)."""
+  def __call__(self, latents, t, cond, *, skip_layers=None):
+    """latents (B, h, w, C), t (B,) in [0, 1], cond {context (B, T, context_dim), pooled (B, pooled_dim)};
+    skip_layers: layer indices passed through unchanged (SD3.5's skip-layer guidance)."""
     cfg = self.cfg
+    context, pooled = cond["context"], cond["pooled"]
     dt = get_dtype(cfg.dtype)
     b, h, w, _ = latents.shape
     p = cfg.patch_size

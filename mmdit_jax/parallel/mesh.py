@@ -1,17 +1,20 @@
-"""Device meshes from config data and the logical-axis rules that map model axis names onto them.
+"""Device meshes from config data, and the default logical-axis rules that map model axis names onto them.
 
-Mesh axes are ('data', 'fsdp', 'sequence', 'tensor'). Sizes come per axis for ICI (within a slice) and
-DCN (across slices); one −1 per list is filled from the device count.
+Mesh axes are ('data', 'fsdp', 'sequence', 'tensor'). Sizes are given per axis name for ICI (within a
+slice) and DCN (across slices); one −1 per level is filled from the device count. The rules are only
+the default of `config.sharding_rules`: every caller takes them from the config.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+
+from mmdit_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -24,7 +27,10 @@ DEFAULT_RULES = (
     ("kv", None),
     ("layers", None),
     ("vocab", None),
-    ("cond", None),
+    ("modulation", None),
+    ("patch", None),
+    ("context_in", None),
+    ("vec_in", None),
     ("act_batch", ("data", "fsdp")),
     ("act_seq", "sequence"),
     ("act_embed", None),
@@ -33,39 +39,69 @@ DEFAULT_RULES = (
 )
 
 
-def fill_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
-  """Replaces a single −1 so that the product equals `total`; errors name the sizes and the total."""
-  sizes = [int(s) for s in sizes]
+def axis_sizes(sizes: Mapping[str, int] | Sequence[int], what: str) -> tuple[int, ...]:
+  """Sizes in MESH_AXES order from {axis: size} (missing axes are 1) or a full sequence."""
+  if isinstance(sizes, Mapping):
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+      raise ConfigError(f"{what} names unknown mesh axes {unknown}; valid: {list(MESH_AXES)}")
+    return tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
+  sizes = tuple(int(s) for s in sizes)
   if len(sizes) != len(MESH_AXES):
-    raise ValueError(f"{what} needs {len(MESH_AXES)} sizes for axes {MESH_AXES}, got {sizes}")
+    raise ConfigError(f"{what} needs {len(MESH_AXES)} sizes for axes {MESH_AXES}, got {list(sizes)}")
+  return sizes
+
+
+def fill_sizes(sizes, total: int, what: str) -> tuple[int, ...]:
+  """Replaces a single −1 so that the product equals `total`; errors name the sizes and the total."""
+  sizes = list(axis_sizes(sizes, what))
+  named = dict(zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"{what} {sizes}: sizes must be positive, with at most one -1 to fill")
+    raise ConfigError(f"{what} {named}: sizes must be positive, with at most one -1 to fill")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if total % known:
-      raise ValueError(f"{what} {sizes}: {total} devices are not divisible by {known}")
+      raise ConfigError(f"{what} {named}: {total} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = total // known
   if math.prod(sizes) != total:
-    raise ValueError(f"{what} {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
-                     f"{total} are available; make the product {total} or use -1 on one axis")
+    raise ConfigError(f"{what} {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                      f"{total} are available; make the product {total} or use -1 on one axis")
   return tuple(sizes)
 
 
-def make_mesh(ici: Sequence[int] = (-1, 1, 1, 1), dcn: Sequence[int] | None = None,
-              devices=None) -> jax.sharding.Mesh:
-  """A mesh over `devices` (default all) with Auto axis types; hybrid ICI × DCN for multi-slice."""
+def num_slices(devices) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def mesh_shape(ici, dcn, devices) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ICI sizes, DCN sizes) with −1 filled for these devices."""
+  slices = num_slices(devices)
+  return (fill_sizes(ici, len(devices) // slices, "config.mesh.ici"),
+          fill_sizes(dcn if dcn is not None else {}, slices, "config.mesh.dcn"))
+
+
+def make_mesh(ici: Mapping[str, int] | Sequence[int] = (-1, 1, 1, 1), dcn=None, devices=None) -> jax.sharding.Mesh:
+  """A mesh over `devices` (default all) with Auto axis types; hybrid ICI × DCN for multi-slice.
+
+  On TPU and GPU the devices are laid out along the physical topology; sizes it cannot realise fail
+  with the topology's message rather than falling back to an arbitrary order. CPU devices have no
+  topology, so their order is the mesh order.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  n_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  dcn = (1,) * len(MESH_AXES) if dcn is None else dcn
-  dcn = fill_sizes(dcn, n_slices, "mesh DCN sizes")
-  ici = fill_sizes(ici, len(devices) // n_slices, "mesh ICI sizes")
-  if n_slices > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  ici, dcn = mesh_shape(ici, dcn, devices)
+  if devices[0].platform == "cpu":
+    grid = np.asarray(devices).reshape(tuple(i * d for i, d in zip(ici, dcn)))
   else:
     try:
-      grid = mesh_utils.create_device_mesh(ici, devices)
-    except (AssertionError, NotImplementedError, ValueError):  # topology-unaware fallback (CPU)
-      grid = np.asarray(devices).reshape(ici)
+      if num_slices(devices) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+      else:
+        grid = mesh_utils.create_device_mesh(ici, devices)
+    except (AssertionError, NotImplementedError, ValueError) as e:
+      raise ConfigError(
+          f"cannot lay out mesh ICI {dict(zip(MESH_AXES, ici))} × DCN {dict(zip(MESH_AXES, dcn))} on "
+          f"{len(devices)} {devices[0].device_kind} devices: {e}. Choose sizes that tile the slice's "
+          "physical topology (e.g. put -1 on one axis)") from e
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -78,27 +114,6 @@ def batch_sharding(mesh, ndim: int = 1):
   """Sharding of a global batch array: leading axis over data × fsdp, the rest replicated."""
   spec = jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1)))
   return jax.sharding.NamedSharding(mesh, spec)
-
-
-def put_batch(x, mesh):
-  """A host array onto `mesh`: split over data × fsdp when the rows divide evenly, else replicated."""
-  x = np.asarray(x)
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
-  return jax.device_put(x, batch_sharding(mesh, x.ndim) if x.shape[0] % n == 0 else replicated(mesh))
-
-
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """jax.distributed for multi-process runs: explicit flags (CPU: gloo collectives), or discovery on
-  Cloud TPU VMs; a single process needs nothing."""
-  if coordinator_address or num_processes:
-    if jax.config.jax_platforms == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif jax.config.jax_platforms not in (None, "", "cpu"):  # Cloud TPU VMs: discover the other hosts
-    try:
-      jax.distributed.initialize()
-    except (RuntimeError, ValueError) as e:  # a single-host VM has nothing to discover
-      print(f"jax.distributed not initialised ({e}); running as a single process")
 
 
 def replicated(mesh):

@@ -10,7 +10,7 @@ import torch
 
 from mmdit_jax.encoders import clip, convert, t5, vae
 from mmdit_jax.model import api
-from mmdit_jax.model.convert import ConversionError
+from mmdit_jax.model.weights import ConversionError
 
 
 def _rel(ours, ref):
@@ -132,7 +132,7 @@ def test_converters_name_unknown_missing_and_wrong_tensors(tmp_path):
     convert.infer_t5_config({"encoder.block.0.layer.1.DenseReluDense.wi.weight": np.zeros((2, 2))})
   with pytest.raises(ConversionError, match="lacks tensor 'encoder.conv_in.weight'|layer indices"):
     convert.load_vae(tmp_path / "clip.safetensors")  # a checkpoint of another model
-  with pytest.raises(FileNotFoundError, match="no .safetensors"):
+  with pytest.raises(ConversionError, match="no .safetensors"):
     convert.load_t5(tmp_path / "nothing_here")
 
 

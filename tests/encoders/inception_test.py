@@ -8,7 +8,7 @@ import torch
 
 from mmdit_jax.encoders import inception
 from mmdit_jax.model import api
-from mmdit_jax.model.convert import ConversionError
+from mmdit_jax.model.weights import ConversionError
 from tests.encoders import inception_reference
 
 

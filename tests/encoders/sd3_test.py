@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from mmdit_jax import parallel
+from mmdit_jax.errors import UserError
 from mmdit_jax.encoders import sd3
 from mmdit_jax.encoders.tokenizer import Tokenizer
-from mmdit_jax.encoders import torch_reference as tiny
+from tests import torch_reference as tiny
 
 
 def test_tokenizers_from_local_files(tmp_path):
@@ -25,7 +26,7 @@ def test_tokenizers_from_local_files(tmp_path):
     assert want[-1] == 1  # T5 appends </s>
     want = want[:11] + [1] if len(want) > 12 else want + [0] * (12 - len(want))  # truncate, keep </s>; pad
     assert list(t5([text])[0]) == want
-  with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+  with pytest.raises(UserError, match="no tokenizer at"):
     Tokenizer(tmp_path / "missing", 77)
 
 

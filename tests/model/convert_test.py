@@ -41,6 +41,10 @@ def _inputs(h, w, seed=1):
   return latents, t, context, pooled
 
 
+def _ours(latents, t, context, pooled):
+  return latents, t, {"context": context, "pooled": pooled}
+
+
 def _torch_forward(ref, latents, t, context, pooled, **kw):
   with torch.no_grad():
     out = ref(hidden_states=torch.from_numpy(latents).permute(0, 3, 1, 2),
@@ -63,7 +67,7 @@ def test_parity_with_diffusers(tmp_path, variant, save_config):
   assert cfg.dual_attention_layers == VARIANTS[variant].get("dual_attention_layers", ())
   for h, w in [(8, 8), (6, 10)]:  # square and non-square latents
     inputs = _inputs(h, w)
-    ours = np.asarray(jax.jit(lambda p, *a: model.apply(cfg, p, *a))(params, *map(jnp.asarray, inputs)))
+    ours = np.asarray(jax.jit(lambda p, *a: model.forward(cfg, p, *_ours(*a)))(params, *map(jnp.asarray, inputs)))
     theirs = _torch_forward(ref, *inputs)
     assert ours.shape == theirs.shape
     assert _rel_err(ours, theirs) <= 1e-4, _rel_err(ours, theirs)
@@ -73,10 +77,10 @@ def test_skip_layers_match_diffusers(tmp_path):
   ref, path = _reference(tmp_path, "sd3")
   cfg, params = model.from_diffusers(path)
   inputs = _inputs(8, 8)
-  ours = np.asarray(model.apply(cfg, params, *map(jnp.asarray, inputs), skip_layers=[1, 2]))
+  ours = np.asarray(model.forward(cfg, params, *_ours(*map(jnp.asarray, inputs)), skip_layers=[1, 2]))
   theirs = _torch_forward(ref, *inputs, skip_layers=[1, 2])
   assert _rel_err(ours, theirs) <= 1e-4
-  full = np.asarray(model.apply(cfg, params, *map(jnp.asarray, inputs)))
+  full = np.asarray(model.forward(cfg, params, *_ours(*map(jnp.asarray, inputs))))
   assert _rel_err(ours, full) > 1e-3  # skipping layers changes the output
 
 
@@ -94,5 +98,5 @@ def test_unknown_and_missing_tensors_are_named(tmp_path):
 
 
 def test_missing_file_raises(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no .safetensors"):
+  with pytest.raises(model.ConversionError, match="no .safetensors"):
     model.from_diffusers(tmp_path / "nothing_here")

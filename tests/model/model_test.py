@@ -13,9 +13,10 @@ TINY = dict(depth=3, hidden_size=32, num_heads=4, context_dim=24, pooled_dim=12,
 
 
 def _inputs(b=4, h=8, w=6, t_tokens=5):
+  """(latents, t, cond) for the text-conditioned tiny models."""
   k = jax.random.split(jax.random.key(7), 3)
   return (jax.random.normal(k[0], (b, h, w, 4)), jnp.linspace(0.1, 0.9, b),
-          jax.random.normal(k[1], (b, t_tokens, 24)), jax.random.normal(k[2], (b, 12)))
+          {"context": jax.random.normal(k[1], (b, t_tokens, 24)), "pooled": jax.random.normal(k[2], (b, 12))})
 
 
 @jax.jit
@@ -29,7 +30,7 @@ def _randomize(params, seed=0, scale=0.2):
 def test_adaln_zero_blocks_are_identity_at_init():
   cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True)
   params = model.init(cfg, jax.random.key(0))
-  latents, t, ctx, pooled = _inputs()
+  latents, t, cond = _inputs()
   img = jax.random.normal(jax.random.key(1), (4, 12, 32))
   txt = jax.random.normal(jax.random.key(2), (4, 5, 32))
   vec = jax.random.normal(jax.random.key(3), (4, 32))
@@ -44,14 +45,14 @@ def test_adaln_zero_blocks_are_identity_at_init():
   np.testing.assert_array_equal(stage_img, img)
   np.testing.assert_array_equal(stage_txt[0], txt)
   # The final layer is zero-initialised too, so the untrained model predicts exactly zero.
-  out = jax.jit(lambda p: model.apply(cfg, p, latents, t, ctx, pooled))(params)
+  out = jax.jit(lambda p: model.forward(cfg, p, latents, t, cond))(params)
   np.testing.assert_array_equal(out, 0.0)
 
 
 def test_randomized_blocks_are_not_identity():
   cfg = model.MMDiTConfig(**TINY)
   params = _randomize(model.init(cfg, jax.random.key(0)))
-  out = jax.jit(lambda p: model.apply(cfg, p, *_inputs()))(params)
+  out = jax.jit(lambda p: model.forward(cfg, p, *_inputs()))(params)
   assert float(jnp.std(out)) > 1e-2
 
 
@@ -64,8 +65,8 @@ def unrolled_reference():
   cfg = model.MMDiTConfig(**SCAN_TEST, scan_layers=False)
   params = _randomize(model.init(cfg, jax.random.key(0)))
   inputs = _inputs()
-  loss = lambda p: jnp.mean(model.apply(cfg, p, *inputs) ** 2)
-  out = jax.jit(lambda p: model.apply(cfg, p, *inputs))(params)
+  loss = lambda p: jnp.mean(model.forward(cfg, p, *inputs) ** 2)
+  out = jax.jit(lambda p: model.forward(cfg, p, *inputs))(params)
   return params, inputs, out, jax.jit(jax.grad(loss))(params)
 
 
@@ -73,26 +74,24 @@ def unrolled_reference():
 def test_scanned_equals_unrolled(remat, unrolled_reference):
   params, inputs, unrolled, unrolled_grads = unrolled_reference
   cfg = model.MMDiTConfig(**SCAN_TEST, remat=remat)
-  scanned = jax.jit(lambda p: model.apply(cfg, p, *inputs))(params)
+  scanned = jax.jit(lambda p: model.forward(cfg, p, *inputs))(params)
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
   # Gradients agree too (remat only changes what is stored).
-  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply(cfg, p, *inputs) ** 2)))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.forward(cfg, p, *inputs) ** 2)))(params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(unrolled_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["mmdit", "dit"])
 def test_sharded_forward_equals_unsharded(kind):
+  latents, t, cond = _inputs(b=8)
   if kind == "mmdit":
     cfg = model.MMDiTConfig(**TINY, qk_norm=True, dual_attention_layers=(1,))
-    inputs = _inputs(b=8)
-    kwargs = {}
   else:
     cfg = model.DiTConfig(depth=2, hidden_size=32, num_heads=4, num_classes=10)
-    inputs = _inputs(b=8)[:2]
-    kwargs = dict(labels=jnp.arange(8) % 11)
+    cond = {"label": jnp.arange(8) % 11}
   params = _randomize(model.init(cfg, jax.random.key(0)))
-  expected = jax.jit(lambda p: model.apply(cfg, p, *inputs, **kwargs))(params)
+  expected = jax.jit(lambda p: model.forward(cfg, p, latents, t, cond))(params)
 
   mesh = parallel.make_mesh((2, 2, 1, 2))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
@@ -102,9 +101,8 @@ def test_sharded_forward_equals_unsharded(kind):
     kernel = sharded["stages"][0]["layers"]["img"]["mlp"]["fc1"]["kernel"] if kind == "mmdit" else \
         sharded["blocks"]["layers"]["mlp"]["fc1"]["kernel"]
     assert kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    batch = [jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)) for x in inputs]
-    kw = {k: jax.device_put(v, parallel.batch_sharding(mesh, 1)) for k, v in kwargs.items()}
-    out = jax.jit(lambda p, *a, **k: model.apply(cfg, p, *a, **k))(sharded, *batch, **kw)
+    put = lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
+    out = jax.jit(lambda p, *a: model.forward(cfg, p, *a))(sharded, put(latents), put(t), jax.tree.map(put, cond))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -122,10 +120,10 @@ def test_three_stream_variant():
   cfg = model.MMDiTConfig(**TINY, text_streams=(3, 2))
   params = _randomize(model.init(cfg, jax.random.key(0)))
   assert len(params["context_embedder"]) == 2 and len(params["final_block"]["txt"]) == 2
-  out = jax.jit(lambda p: model.apply(cfg, p, *_inputs(t_tokens=5)))(params)
+  out = jax.jit(lambda p: model.forward(cfg, p, *_inputs(t_tokens=5)))(params)
   assert out.shape == (4, 8, 6, 4) and bool(jnp.all(jnp.isfinite(out)))
   with pytest.raises(ValueError, match="text_streams"):
-    model.apply(cfg, params, *_inputs(t_tokens=4))
+    model.forward(cfg, params, *_inputs(t_tokens=4))
 
 
 def test_parameter_counts_from_abstract_shapes():
@@ -157,16 +155,15 @@ def test_dit_sizes(name):
 
 
 def test_dit_variants_run_and_start_at_zero():
-  x, t = _inputs()[:2]
+  x, t, text = _inputs()
   # Each block type once; class conditioning with the adaLN blocks, text with the SD3 Fig. 4 baselines
   # (CrossDiT; DiT with text concatenated as a U-ViT with long skips).
   for block, cond in [("adaln_zero", "class"), ("adaln", "class"), ("cross_attn", "text"), ("in_context", "text")]:
     cfg = model.DiTConfig(depth=3, hidden_size=32, num_heads=4, block=block, conditioning=cond,
                           num_classes=10, context_dim=24, pooled_dim=12, long_skip=block == "in_context")
-    kw = dict(labels=jnp.array([0, 3, 10, 1])) if cond == "class" else dict(
-        context=_inputs()[2], pooled=_inputs()[3])
+    c = {"label": jnp.array([0, 3, 10, 1])} if cond == "class" else text
     params = model.init(cfg, jax.random.key(0))
-    run = jax.jit(lambda p: model.apply(cfg, p, x, t, **kw))
+    run = jax.jit(lambda p: model.forward(cfg, p, x, t, c))
     np.testing.assert_array_equal(run(params), 0.0)
     out = run(_randomize(params))
     assert out.shape == x.shape and float(jnp.std(out)) > 1e-3, (block, cond)
@@ -183,4 +180,6 @@ def test_bad_configs_raise():
     model.dit_config("XXL/2")
   with pytest.raises(ValueError, match="divisible by patch_size"):
     cfg = model.MMDiTConfig(**TINY)
-    model.apply(cfg, model.init(cfg, jax.random.key(0)), *_inputs(h=7))
+    model.forward(cfg, model.init(cfg, jax.random.key(0)), *_inputs(h=7))
+  with pytest.raises(ValueError, match=r"conditioned on \['label'\]; the batch lacks \['label'\]"):
+    model.forward(model.DiTConfig(depth=1, hidden_size=8, num_heads=2), None, *_inputs())

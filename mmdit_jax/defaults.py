@@ -1,0 +1,157 @@
+"""Every config field the system reads, with its default and a comment: what `configs/*.py` start from.
+
+A config file is `get_config(arg) -> ConfigDict` built on `base_config(...)`; `--config.x=…` overrides
+any field. `c.model` holds every field of the chosen backbone's dataclass (seeded from it; the comments
+are on the dataclass: `mmdit_jax/model/mmdit.py` MMDiTConfig, `model/dit.py` DiTConfig). Config files
+import only this package, so they load from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from mmdit_jax import model
+from mmdit_jax.data.pipeline import SD3_TEXT_DROPOUT
+from mmdit_jax.errors import ConfigError
+from mmdit_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """'size=tiny,steps=300' → a ConfigDict of `defaults` overridden by the arg (values keep their type)."""
+  cfg = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in cfg:
+      raise ConfigError(f"unknown config arg {key!r} in {arg!r}; valid: {sorted(cfg.keys())}")
+    kind = type(defaults[key])
+    try:
+      cfg[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    except ValueError as e:
+      raise ConfigError(f"config arg {key}={value!r} is not a {kind.__name__}") from e
+  return cfg
+
+
+def _optional_type(hint):
+  """T of `T | None` (a placeholder's type), or None when the hint is not optional."""
+  args = typing.get_args(hint)
+  if (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args:
+    return next(a for a in args if a is not type(None))
+  return None
+
+
+def model_fields(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`name` plus every field of backbone `name`'s config dataclass, at its default or `overrides`.
+
+  Fields whose default is None (e.g. MM-DiT's hidden_size: 64·depth) become typed placeholders, so
+  `--config.model.hidden_size=256` works from the command line.
+  """
+  if name not in model.BACKBONES:
+    raise ConfigError(f"unknown backbone {name!r}; valid: {sorted(model.BACKBONES)}")
+  cls = model.BACKBONES[name]
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ConfigError(f"{cls.__name__} has no fields {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+  c = ml_collections.ConfigDict()
+  c.name = name
+  for f in dataclasses.fields(cls):
+    value = overrides.get(f.name, f.default)
+    optional = _optional_type(hints[f.name])
+    c[f.name] = config_dict.placeholder(optional) if value is None and optional else value
+  return c
+
+
+def mesh_sizes(**sizes) -> ml_collections.ConfigDict:
+  """{axis: size} over every mesh axis (default 1; one −1 fills the rest)."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"unknown mesh axes {unknown}; valid: {list(MESH_AXES)}")
+  return ml_collections.ConfigDict({a: int(sizes.get(a, 1)) for a in MESH_AXES})
+
+
+def encoders_config() -> ml_collections.ConfigDict:
+  """Where the frozen SD3 encoders live: `root` is a diffusers SD3 checkpoint directory (text_encoder*,
+  tokenizer*, vae); the per-role fields override its layout. Empty everywhere → the paths recorded in
+  the dataset's metadata by the precompute job."""
+  e = ml_collections.ConfigDict()
+  e.root = ""
+  for role in ("clip_l", "clip_g", "t5", "vae"):
+    e[role] = ""
+  for role in ("clip_l", "clip_g", "t5"):
+    e[f"{role}_tokenizer"] = ""
+  e.no_t5 = False  # inference without T5: zeros in its place (SD3 §5.3.2)
+  return e
+
+
+def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.formulation = "rf/lognorm(0.00, 1.00)"  # any of mmdit_jax.flow.PAPER_FORMULATIONS
+  c.shift = 1.0  # resolution-dependent timestep shift α (SD3 uses 3.0 at 1024²)
+  c.model = model_fields(backbone, **model_overrides)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # precomputed dataset directory, or "tfds:NAME[:SPLIT]"; "" → the embedded demo dataset
+  c.data.tfds_data_dir = ""  # TFDS data_dir for a "tfds:" path (prepared with file_format=array_record)
+  c.data.val_path = ""  # held-out split for validation loss; "" → the demo validation split, or data.path
+  c.data.demo_examples = 8192  # size of the demo training split (when data.path is empty)
+  c.data.global_batch_size = 256
+  c.data.text_dropout = SD3_TEXT_DROPOUT  # per text encoder, independently (SD3: 46.3 % → ≈10 % fully unconditional)
+  c.data.label_dropout = 0.1  # class-conditional: null-class rate for classifier-free guidance
+  c.data.num_threads = 4  # grain reader threads
+  c.data.prefetch = 8  # batches decoded ahead
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1000
+  c.optim.schedule = "constant"  # constant | cosine | linear (decay after warm-up to 0 at total_steps)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8  # 1e-15 for the QK-norm recipe
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0  # global-norm clipping; 0 disables
+
+  c.ema_decay = 0.9999
+  c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite steps
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.ici = mesh_sizes(data=-1)  # within a slice, per axis: --config.mesh.ici.fsdp=-1 --config.mesh.ici.data=1
+  c.mesh.dcn = mesh_sizes(data=-1)  # across slices (multi-slice TPU pods)
+  # Logical axis → mesh axes (None: replicated); model code names logical axes only.
+  c.sharding_rules = DEFAULT_RULES
+
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.eval_every = 0  # validation loss every k steps (0: only at the end)
+  c.eval_batches = 4  # held-out batches per validation
+  c.sample_every = 0  # sample evaluation (grid, FID, demo accuracy) every k steps and at the end (0: off)
+  c.force_eval = False  # re-run the final evaluation of a finished run instead of reporting its results.json
+
+  c.sample = ml_collections.ConfigDict()  # sampling in training's sample evaluation, --mode=eval and --mode=sample
+  c.sample.sampler = "euler"  # euler | heun | ddim | dpmpp_2m
+  c.sample.steps = 28
+  c.sample.guidance = 4.0  # classifier-free guidance scale (1: none)
+  c.sample.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
+  c.sample.threshold = "none"  # none | static | dynamic (Imagen)
+  c.sample.percentile = 0.995  # dynamic thresholding's quantile
+  c.sample.seed = 0  # noise of sample i: fold_in(key(seed), i)
+
+  c.eval = ml_collections.ConfigDict()  # sample evaluation
+  c.eval.num_samples = 64  # samples per evaluation (grid, accuracy, FID, CLIP score)
+  c.eval.fid_network = "demo"  # demo | inception | none
+  c.eval.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth (or .safetensors) for "inception"
+  c.eval.clip_score = ""  # 'package.module:factory' returning (embed_images, embed_texts)
+
+  c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.halt_at_step = 0  # checkpoint and exit at this step as if preempted (0: off; tests, debugging)
+  c.debug.log_data_order = False  # append each step's example indices to workdir/data_order.jsonl
+  return c

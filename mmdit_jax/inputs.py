@@ -1,0 +1,99 @@
+"""Which datasets a run reads, the configured one or the embedded demo, checked against the model before
+anything compiles: one choice for training, evaluation and sampling."""
+
+from __future__ import annotations
+
+from mmdit_jax import data
+from mmdit_jax.config import TrainConfig
+from mmdit_jax.data import demo
+from mmdit_jax.errors import ConfigError
+from mmdit_jax.metrics import log
+
+
+def is_demo(cfg: TrainConfig) -> bool:
+  return not cfg.data.path
+
+
+def demo_kind(cfg: TrainConfig) -> str:
+  """The demo for the backbone: captioned scenes for text conditioning, labelled objects for classes."""
+  return "classes" if "label" in cfg.model.cond_features else "text"
+
+
+def pixel_space(cfg: TrainConfig) -> bool:
+  """Whether the dataset's "latents" are images in [−1, 1] (metadata "pixels": true; the demos are), so
+  samples need no VAE to be viewed and scored."""
+  if is_demo(cfg):
+    return True
+  if cfg.data.path.startswith("tfds:"):
+    return False
+  return bool(data.load_metadata(cfg.data.path).extras.get("pixels", False))
+
+
+def dataset_paths(cfg: TrainConfig, *, announce: bool = True) -> tuple[str, str]:
+  """(train path, held-out path): the configured dataset (validation: data.val_path, else the training
+  data), or the embedded demo, written on first use. Fails now, naming the path, if one is incomplete."""
+  if cfg.data.path:
+    val = cfg.data.val_path or cfg.data.path
+    for p in {cfg.data.path, val}:
+      if not p.startswith("tfds:"):
+        data.load_metadata(p)
+    return cfg.data.path, val
+  kind = demo_kind(cfg)
+  if announce:
+    log(f"config.data.path is empty: using the embedded demo dataset ({kind}; written on first use)")
+  train = demo.ensure_demo("train", cfg.data.demo_examples, kind=kind)
+  return train, cfg.data.val_path or demo.ensure_demo("validation", kind=kind)
+
+
+def check_data_fits_model(meta: data.Metadata, model_cfg, path: str):
+  """Data shapes against the model, so a mismatch fails before compiling."""
+  names = [f.name for f in meta.features]
+  latent = meta.feature("latent")
+  if latent.shape[-1] != model_cfg.in_channels:
+    raise ConfigError(f"{path}: latents have {latent.shape[-1]} channels but config.model.in_channels="
+                      f"{model_cfg.in_channels}")
+  for feat in model_cfg.cond_features:
+    if feat not in names:
+      raise ConfigError(f"{path}: {type(model_cfg).__name__} is conditioned on {list(model_cfg.cond_features)}; "
+                        f"the dataset has {names}")
+  if "context" in model_cfg.cond_features:
+    for feat, width in (("context", model_cfg.context_dim), ("pooled", model_cfg.pooled_dim)):
+      if meta.feature(feat).shape[-1] != width:
+        raise ConfigError(f"{path}: {feat} width {meta.feature(feat).shape[-1]} != config.model.{feat}_dim {width}")
+  if "label" in model_cfg.cond_features:
+    classes = meta.extras.get("num_classes")
+    if classes is not None and int(classes) > model_cfg.num_classes:
+      raise ConfigError(f"{path}: {classes} classes but config.model.num_classes={model_cfg.num_classes}")
+
+
+def _pipeline(cfg: TrainConfig, path: str, **kw) -> data.PipelineConfig:
+  return data.PipelineConfig(path, cfg.data.global_batch_size, num_threads=cfg.data.num_threads,
+                             prefetch=cfg.data.prefetch, tfds_data_dir=cfg.data.tfds_data_dir, **kw)
+
+
+def training_set(cfg: TrainConfig, path: str) -> data.Dataset:
+  """The shuffled training data with SD3's per-encoder text dropout (or label dropout for classes)."""
+  ds = data.Dataset(_pipeline(cfg, path, seed=cfg.seed, label_dropout=cfg.data.label_dropout,
+                              text_dropout=(("*", cfg.data.text_dropout),)))
+  check_data_fits_model(ds.meta, cfg.model, path)
+  return ds
+
+
+def evaluation_set(cfg: TrainConfig, path: str) -> data.Dataset:
+  """Held-out data in file order, without dropout: validation loss and reference images."""
+  ds = data.Dataset(_pipeline(cfg, path, shuffle=False, text_dropout=()))
+  check_data_fits_model(ds.meta, cfg.model, path)
+  return ds
+
+
+def latent_shape(ds: data.Dataset) -> tuple[int, int, int]:
+  """(h, w, C) of the latents (the first bucket's when they vary)."""
+  shape = ds.meta.feature("latent").shape
+  if None in shape[:2]:
+    return tuple(int(x) for x in ds.bucket_shapes[0])
+  return tuple(int(x) for x in shape)
+
+
+def text_tokens(ds: data.Dataset) -> int:
+  names = [f.name for f in ds.meta.features]
+  return int(ds.meta.feature("context").shape[0]) if "context" in names else 0

@@ -1,0 +1,91 @@
+"""The train state: optimizer, initial state, abstract shapes and shardings, and one restore recipe.
+
+State is a dict of pytrees: step, params, opt_state, ema, and counters of non-finite steps. Its shapes
+come from `jax.eval_shape` and its shardings from the logical-axis rules, so parameters are never
+materialised unsharded and nothing here touches a device (a compile-only TPU mesh works too).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mmdit_jax import model
+from mmdit_jax.checkpoint import Checkpointer, CheckpointError
+from mmdit_jax.config import OptimConfig, TrainConfig
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int):
+  warmup = optax.linear_schedule(0.0, cfg.lr, max(1, cfg.warmup_steps))
+  decay_steps = max(1, total_steps - cfg.warmup_steps)
+  after = {
+      "constant": optax.constant_schedule(cfg.lr),
+      "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
+      "linear": optax.linear_schedule(cfg.lr, 0.0, decay_steps),
+  }[cfg.schedule]
+  if cfg.warmup_steps <= 0:
+    return after
+  return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int):
+  """(AdamW with warm-up and optional global-norm clipping, its learning-rate schedule)."""
+  schedule = make_schedule(cfg, total_steps)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+  return tx, schedule
+
+
+def init_state(model_cfg, tx, key):
+  params = model.init_unjitted(model_cfg, key)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "ema": jax.tree.map(jnp.copy, params), "nonfinite": jnp.zeros((), jnp.int32),
+          "skipped": jnp.zeros((), jnp.int32)}
+
+
+def abstract_state(model_cfg, tx):
+  """The state's ShapeDtypeStructs; the PRNG key is traced, never created on a device."""
+  return jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.key(0)))
+
+
+def state_shardings(model_cfg, tx, mesh, rules):
+  """(abstract state, shardings): optimizer moments and EMA are sharded like the parameters."""
+  abstract = abstract_state(model_cfg, tx)
+  param_sh = model.param_shardings(model_cfg, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                 transform_non_params=lambda _: replicated)
+  shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh,
+               "nonfinite": replicated, "skipped": replicated}
+  return abstract, shardings
+
+
+def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer):
+  """(state, start step, data iterator state or None): the newest intact checkpoint (damaged newer ones are
+  moved aside with a warning), else a fresh state initialised directly into its shardings."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+    found = ckpt.restore_latest(abstract, shardings, set_aside_damaged=True)
+    if found is not None:
+      step, state, data_state = found
+      return state, step, data_state
+    state = jax.jit(lambda k: init_state(cfg.model, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed + 1))
+    return state, 0, None
+
+
+def restore_for_eval(cfg: TrainConfig, workdir, mesh):
+  """(state, step) of the newest intact checkpoint under workdir/checkpoints, on `mesh` (any shape)."""
+  tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+  ckpt = Checkpointer(workdir / "checkpoints")
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+      abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+      found = ckpt.restore_latest(abstract, shardings)
+  finally:
+    ckpt.close()
+  if found is None:
+    raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}; train first (same --workdir)")
+  step, state, _ = found
+  return state, step
