@@ -62,17 +62,25 @@ def state_shardings(model_cfg, tx, mesh, rules):
   return abstract, shardings
 
 
+def restore_latest(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, *, set_aside_damaged: bool = False):
+  """(step, state, data iterator state) of the newest intact checkpoint laid out on `mesh` (any shape), or
+  None when there is none. The one restore recipe of training, evaluation, sampling and the tests."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+    return ckpt.restore_latest(abstract, shardings, set_aside_damaged=set_aside_damaged)
+
+
 def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer):
   """(state, start step, data iterator state or None): the newest intact checkpoint (damaged newer ones are
   moved aside with a warning), else a fresh state initialised directly into its shardings."""
+  found = restore_latest(cfg, tx, mesh, ckpt, set_aside_damaged=True)
+  if found is not None:
+    step, state, data_state = found
+    return state, step, data_state
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-    found = ckpt.restore_latest(abstract, shardings, set_aside_damaged=True)
-    if found is not None:
-      step, state, data_state = found
-      return state, step, data_state
+    _, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
     state = jax.jit(lambda k: init_state(cfg.model, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed + 1))
-    return state, 0, None
+  return state, 0, None
 
 
 def restore_for_eval(cfg: TrainConfig, workdir, mesh):
@@ -80,9 +88,7 @@ def restore_for_eval(cfg: TrainConfig, workdir, mesh):
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
   ckpt = Checkpointer(workdir / "checkpoints")
   try:
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-      abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-      found = ckpt.restore_latest(abstract, shardings)
+    found = restore_latest(cfg, tx, mesh, ckpt)
   finally:
     ckpt.close()
   if found is None:

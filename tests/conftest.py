@@ -14,4 +14,18 @@ os.environ["XLA_FLAGS"] = (
 _SESSION = tempfile.mkdtemp(prefix="mmdit_jax_tests_")
 os.environ.setdefault("MMDIT_JAX_CACHE", os.path.join(_SESSION, "cache"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION, "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny eager compiles too
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+  """The tiny config trained straight through: (workdir, (step, state, data state)) for resume checks."""
+  from mmdit_jax import train
+  from tests import helpers
+  workdir = tmp_path_factory.mktemp("straight")
+  summary = train.train_and_evaluate(helpers.config(), workdir)
+  assert summary["step"] == helpers.STEPS and "stopped" not in summary
+  return workdir, helpers.final_state(workdir, helpers.config())

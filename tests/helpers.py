@@ -8,13 +8,12 @@ import sys
 
 import jax
 import numpy as np
-from flax import nnx
 
 from configs import rf_lognorm
 from mmdit_jax import config as config_lib
 from mmdit_jax import parallel
 from mmdit_jax.checkpoint import Checkpointer
-from mmdit_jax.state import make_optimizer, state_shardings
+from mmdit_jax.state import make_optimizer, restore_latest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -66,14 +65,11 @@ def main_cmd(workdir, *flags, config_file="configs/rf_lognorm.py") -> list[str]:
 
 def final_state(workdir, cfg: config_lib.TrainConfig, mesh_ici=(-1, 1, 1, 1)):
   """(step, state, data state) of the newest checkpoint, restored onto a mesh of `mesh_ici`."""
-  tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
-  mesh = parallel.make_mesh(mesh_ici)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
-    step, state, data_state = ckpt.restore_latest(abstract, shardings)
+  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  try:
+    return restore_latest(cfg, make_optimizer(cfg.optim, cfg.total_steps)[0], parallel.make_mesh(mesh_ici), ckpt)
+  finally:
     ckpt.close()
-  return step, state, data_state
 
 
 def tree_equal(a, b) -> bool:
@@ -99,3 +95,14 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def assert_same_as_straight(straight, workdir):
+  """The run in `workdir` ended bitwise identical to the straight one: state, data position and order."""
+  s_dir, (s_step, s_state, s_data) = straight
+  step, state, data_state = final_state(workdir, config())
+  assert step == s_step == STEPS
+  for part in ("params", "opt_state", "ema", "step", "skipped"):
+    assert tree_equal(state[part], s_state[part]), part
+  assert data_state == s_data
+  assert data_order(workdir) == data_order(s_dir)

@@ -45,6 +45,7 @@ def _pc(folder, out, sd3_root, **kw):
   return c
 
 
+@pytest.mark.slow
 def test_precompute_resume_train_and_sample(folder, sd3_root, tmp_path):
   out = tmp_path / "latents"
   assert precompute.run(_pc(folder, out, sd3_root, halt_after_shards=1)) is None  # "interrupted"

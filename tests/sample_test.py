@@ -130,6 +130,7 @@ def test_dit_is_scored_by_fid_during_training(dit_toy):
   assert summary["fid/demo"] == fids[120] and (root / "run" / "samples" / "step_0000120.png").is_file()
 
 
+@pytest.mark.slow
 def test_dit_samples_follow_their_labels(dit_toy, tmp_path):
   """--mode=sample --labels through the CLI; each sample's mean colour is its class's."""
   root, _, c, _ = dit_toy

@@ -1,5 +1,7 @@
 """Model properties: identity at init, sharded == unsharded, scanned == unrolled, counts and FLOPs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from mmdit_jax import model, parallel
 
 TINY = dict(depth=3, hidden_size=32, num_heads=4, context_dim=24, pooled_dim=12, in_channels=4,
             pos_embed_max_size=16, sample_size=16)
+# Most tests share one config (QK-norm, an MMDiT-X layer), so its compiled init is reused.
+CFG = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True)
 
 
 def _inputs(b=4, h=8, w=6, t_tokens=5):
@@ -19,16 +23,15 @@ def _inputs(b=4, h=8, w=6, t_tokens=5):
           {"context": jax.random.normal(k[1], (b, t_tokens, 24)), "pooled": jax.random.normal(k[2], (b, 12))})
 
 
-@jax.jit
 def _randomize(params, seed=0, scale=0.2):
-  """Non-zero everywhere, so that the adaLN-Zero model is not trivially the identity."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  """Non-zero everywhere, so that the adaLN-Zero model is not trivially the identity (host NumPy: nothing
+  to compile per parameter tree)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(x.shape)).astype(np.float32), params)
 
 
 def test_adaln_zero_blocks_are_identity_at_init():
-  cfg = model.MMDiTConfig(**TINY, dual_attention_layers=(0,), qk_norm=True)
+  cfg = CFG
   params = model.init(cfg, jax.random.key(0))
   latents, t, cond = _inputs()
   img = jax.random.normal(jax.random.key(1), (4, 12, 32))
@@ -50,20 +53,17 @@ def test_adaln_zero_blocks_are_identity_at_init():
 
 
 def test_randomized_blocks_are_not_identity():
-  cfg = model.MMDiTConfig(**TINY)
+  cfg = CFG
   params = _randomize(model.init(cfg, jax.random.key(0)))
   out = jax.jit(lambda p: model.forward(cfg, p, *_inputs()))(params)
   assert float(jnp.std(out)) > 1e-2
 
 
-SCAN_TEST = dict(**TINY, dual_attention_layers=(0,), qk_norm=True)
-
-
 @pytest.fixture(scope="module")
 def unrolled_reference():
   """Forward and gradients of the unrolled model, computed once for every remat policy."""
-  cfg = model.MMDiTConfig(**SCAN_TEST, scan_layers=False)
-  params = _randomize(model.init(cfg, jax.random.key(0)))
+  cfg = dataclasses.replace(CFG, scan_layers=False)
+  params = _randomize(model.init(CFG, jax.random.key(0)))  # the same parameter tree, scanned or not
   inputs = _inputs()
   loss = lambda p: jnp.mean(model.forward(cfg, p, *inputs) ** 2)
   out = jax.jit(lambda p: model.forward(cfg, p, *inputs))(params)
@@ -73,7 +73,7 @@ def unrolled_reference():
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scanned_equals_unrolled(remat, unrolled_reference):
   params, inputs, unrolled, unrolled_grads = unrolled_reference
-  cfg = model.MMDiTConfig(**SCAN_TEST, remat=remat)
+  cfg = dataclasses.replace(CFG, remat=remat)
   scanned = jax.jit(lambda p: model.forward(cfg, p, *inputs))(params)
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
   # Gradients agree too (remat only changes what is stored).
@@ -86,7 +86,7 @@ def test_scanned_equals_unrolled(remat, unrolled_reference):
 def test_sharded_forward_equals_unsharded(kind):
   latents, t, cond = _inputs(b=8)
   if kind == "mmdit":
-    cfg = model.MMDiTConfig(**TINY, qk_norm=True, dual_attention_layers=(1,))
+    cfg = CFG
   else:
     cfg = model.DiTConfig(depth=2, hidden_size=32, num_heads=4, num_classes=10)
     cond = {"label": jnp.arange(8) % 11}
@@ -107,7 +107,7 @@ def test_sharded_forward_equals_unsharded(kind):
 
 
 def test_init_sharded_matches_unsharded_init():
-  cfg = model.MMDiTConfig(**TINY)
+  cfg = CFG
   mesh = parallel.make_mesh((2, 2, 1, 2))
   with jax.set_mesh(mesh):
     sharded = model.init_sharded(cfg, jax.random.key(3), mesh, parallel.DEFAULT_RULES)
