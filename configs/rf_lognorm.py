@@ -1,7 +1,7 @@
 """SD3's recipe: MM-DiT trained with rectified flow and logit-normal(0, 1) timesteps.
 
-Preset arguments: size (tiny | demo | 2b | 8b), data (dataset path), steps, res (pixels; sets the latent
-size, position grid and SD3's timestep shift), batch (global batch size).
+Preset arguments: size (tiny | demo | 2b | 8b), data (dataset path), steps, res (pixels: the images' size
+and SD3's timestep shift for it; 2b/8b default to SD3's 256² pretraining), batch (global batch size).
 
 Launch commands:
   # The embedded demo dataset on a CPU (a few minutes; the README's main command):
@@ -34,9 +34,9 @@ PRESETS = {
                  **dict(_DEMO, demo_examples=16384)),
     # SD3 Medium's shape (d=24, ≈2B) and SD3.5 Large's (d=38, ≈8B): QK-norm in bf16, AdamW ε = 1e-15.
     "2b": dict(model=dict(depth=24, qk_norm=True, dtype="bfloat16", remat="dots"), batch=1024, steps=500_000,
-               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15),
+               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256),
     "8b": dict(model=dict(depth=38, qk_norm=True, dtype="bfloat16", remat="full"), batch=4096, steps=500_000,
-               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15),
+               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256),
 }
 SD3_SHIFT = {1024: 3.0}  # SD3 §5.3.2 chose α = 3.0 at 1024²; other resolutions use α = √(m/n) against 256²
 
@@ -62,9 +62,10 @@ def get_config(arg=None):
     c.ema_decay = p["ema_decay"]
   if "eps" in p:
     c.optim.eps = p["eps"]  # with QK RMSNorm (SD3 §5.3.1)
-  if args.res:
-    if args.res % 16:
-      raise defaults.ConfigError(f"res={args.res} is not a multiple of 16 (VAE factor 8 × patch 2)")
-    c.model.sample_size = args.res // 8  # latent side of the SD3 VAE
-    c.shift = SD3_SHIFT.get(args.res, max(1.0, resolution_shift(args.res ** 2)))
+  res = args.res or p.get("res", 0)
+  if res:  # the position grid keeps SD3's base (sample_size 128): the data's size and the shift change
+    if res % 16:
+      raise defaults.ConfigError(f"res={res} is not a multiple of 16 (VAE factor 8 × patch 2)")
+    c.data.resolution = res
+    c.shift = SD3_SHIFT.get(res, max(1.0, resolution_shift(res ** 2)))
   return c

@@ -53,6 +53,8 @@ class DataConfig:
   label_dropout: float = 0.1
   num_threads: int = 4
   prefetch: int = 8
+  text_tokens: int = 154  # context tokens where no dataset states them (--mode=compile): SD3's 77 CLIP + 77 T5
+  resolution: int = 0  # image pixels where no dataset states them (--mode=compile); 0: the model's sample_size
 
   def __post_init__(self):
     _check("data.global_batch_size", self.global_batch_size > 0, f"must be positive, got {self.global_batch_size}")

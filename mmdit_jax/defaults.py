@@ -106,6 +106,8 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.data.label_dropout = 0.1  # class-conditional: null-class rate for classifier-free guidance
   c.data.num_threads = 4  # grain reader threads
   c.data.prefetch = 8  # batches decoded ahead
+  c.data.text_tokens = 154  # context tokens where no dataset states them (--mode=compile): SD3's 77 CLIP + 77 T5
+  c.data.resolution = 0  # image pixels where no dataset states them (--mode=compile); 0: the model's sample_size
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

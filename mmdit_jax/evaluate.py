@@ -80,10 +80,10 @@ def make_generate(cfg: TrainConfig):
   unconditional ones (unbatched: broadcast), run in the same batch for classifier-free guidance.
   """
   f, scfg = cfg.formulation, cfg.sample
-  ts = sampling_grid(cfg)
 
   def generate(params, cond, null_cond, noise):
     b = noise.shape[0]
+    ts = sampling_grid(cfg)  # traced: nothing is computed outside the compiled program
 
     def net(z, t, guided):
       zin = f.model_input(z, t)

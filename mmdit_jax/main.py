@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from mmdit_jax.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STOPPED, UserError
 
-MODES = ["train", "eval", "sample"]
+MODES = ["train", "eval", "sample", "compile"]
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (local or gs://).")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -30,6 +30,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repe
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line.")
 _LABELS = flags.DEFINE_list("labels", [], "--mode=sample, class-conditional models: class labels, e.g. 0,5,11.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: a TPU topology, e.g. v5p:4x4x4, v5e:4x4, "
+                                "2:v6e:8x8 (two slices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -94,11 +96,17 @@ def _labels() -> list[int]:
 
 
 def _run():
+  if _MODE.value == "compile":
+    if not _TOPOLOGY.value:
+      raise UserError("--mode=compile needs --topology, e.g. --topology=v5p:4x4x4")
+    from mmdit_jax.aot import prepare_environment  # before JAX loads
+    prepare_environment()
   _setup_logging_and_cache()
   from mmdit_jax import config as config_lib
   from mmdit_jax.parallel import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value,
-                         timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  if _MODE.value != "compile":
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value,
+                           timeout_s=_DISTRIBUTED_TIMEOUT.value)
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value)
   except OSError as e:  # config_flags defers a missing or unloadable file to its first use (no other I/O here)
@@ -111,6 +119,9 @@ def _run():
       sys.exit(EXIT_PREEMPTED)
   elif _MODE.value == "eval":
     sample.run_eval(cfg, _WORKDIR.value)
+  elif _MODE.value == "compile":
+    from mmdit_jax import aot
+    aot.run(cfg, _WORKDIR.value, _TOPOLOGY.value)
   else:
     sample.run_sample(cfg, _WORKDIR.value, _prompts(), _EMBEDDINGS.value, _labels())
 

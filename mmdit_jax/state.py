@@ -51,12 +51,19 @@ def abstract_state(model_cfg, tx):
 
 
 def state_shardings(model_cfg, tx, mesh, rules):
-  """(abstract state, shardings): optimizer moments and EMA are sharded like the parameters."""
+  """(abstract state, shardings): optimizer moments and EMA are sharded like the parameters.
+
+  Optimizer-state subtrees with the parameters' tree structure (AdamW's moments) take the parameter
+  shardings, the rest (step counts) is replicated. Matched structurally rather than with
+  optax.tree_map_params, which runs the optimizer's init on real arrays (impossible on a compile-only mesh).
+  """
   abstract = abstract_state(model_cfg, tx)
   param_sh = model.param_shardings(model_cfg, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                 transform_non_params=lambda _: replicated)
+  params_def = jax.tree.structure(abstract["params"])
+  like_params = lambda x: not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == params_def
+  opt_sh = jax.tree.map(lambda x: param_sh if like_params(x) else replicated, abstract["opt_state"],
+                        is_leaf=like_params)
   shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh,
                "nonfinite": replicated, "skipped": replicated}
   return abstract, shardings

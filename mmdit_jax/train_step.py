@@ -72,11 +72,12 @@ def jit_train_step(cfg: TrainConfig, tx, schedule, state_shardings):
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def batch_spec(cfg: TrainConfig, mesh, latent_shape, text_tokens: int) -> dict:
-  """Abstract global batch (ShapeDtypeStructs sharded over data × fsdp) of the backbone's features."""
+def batch_spec(cfg: TrainConfig, mesh, latent_shape, text_tokens: int, dtype=jnp.float16) -> dict:
+  """Abstract global batch (ShapeDtypeStructs sharded over data × fsdp) of the backbone's features, in the
+  storage dtype the pipeline hands over (precompute's default: float16)."""
   b = cfg.data.global_batch_size
   m = cfg.model
-  shapes = {"latent": ((b, *latent_shape), jnp.float32), "context": ((b, text_tokens, getattr(m, "context_dim", 0)), jnp.float32),
-            "pooled": ((b, getattr(m, "pooled_dim", 0)), jnp.float32), "label": ((b,), jnp.int32)}
+  shapes = {"latent": ((b, *latent_shape), dtype), "context": ((b, text_tokens, getattr(m, "context_dim", 0)), dtype),
+            "pooled": ((b, getattr(m, "pooled_dim", 0)), dtype), "label": ((b,), jnp.int32)}
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
           for k, (shape, dtype) in shapes.items() if k == "latent" or k in m.cond_features}

@@ -62,6 +62,7 @@ def test_presets_by_name_and_preset_arguments():
   from configs import rf_lognorm
   cfg = config_lib.from_config_dict(rf_lognorm.get_config("size=2b,res=1024,batch=64"))
   assert cfg.model.depth == 24 and cfg.model.sample_size == 128 and cfg.data.global_batch_size == 64
+  assert cfg.data.resolution == 1024 and config_lib.from_config_dict(rf_lognorm.get_config("size=2b")).data.resolution == 256
   assert cfg.formulation.shift == 3.0 and cfg.optim.eps == 1e-15
   assert config_lib.from_config_dict(rf_lognorm.get_config("res=512")).formulation.shift == 2.0
   with pytest.raises(errors.ConfigError, match=r"unknown size 'huge'; valid: \['2b', '8b', 'demo', 'tiny'\]"):

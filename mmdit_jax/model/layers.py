@@ -56,6 +56,24 @@ def constrain(x, *axes):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def constrain_like_params(tree, logical_specs):
+  """Constrains each array of `tree` to its parameter sharding (logical PartitionSpecs mapped by the active
+  rules); a no-op without a mesh and rules.
+
+  Applied to one layer's parameters inside a scan, it makes FSDP what it should be: the forward gathers
+  that layer's weights just before use, and the constraint's transpose makes the backward reduce-scatter
+  that layer's gradient into its shards, instead of all-reducing full-size gradients.
+  """
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return tree
+  table = dict(rules)
+  is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
+  mesh_specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*(table.get(a) if a else None for a in s)),
+                            logical_specs, is_leaf=is_spec)
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, mesh_specs)
+
+
 def layer_norm(x, eps=1e-6):
   """LayerNorm without affine parameters, computed in float32."""
   x32 = x.astype(jnp.float32)

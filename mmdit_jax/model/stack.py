@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmdit_jax.model.layers import constrain_like_params
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -45,10 +47,13 @@ class Stack(nnx.Module):
     """
     graphdef, state = nnx.split(self.layers)
     check_remat(remat)
+    # One layer's logical specs: the stacked ones without their leading 'layers' axis.
+    layer_specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*s[1:]), nnx.get_partition_spec(state),
+                               is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
     def body(carry, scanned):
       layer_state, act, x = scanned
-      block = nnx.merge(graphdef, layer_state)
+      block = nnx.merge(graphdef, constrain_like_params(layer_state, layer_specs))
       new = block(carry, *args) if x is None else block(carry, *args, x)
       if act is not None:
         new = jax.tree.map(lambda n, o: jnp.where(act, n, o), new, carry)
