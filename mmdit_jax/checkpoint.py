@@ -5,9 +5,15 @@ renames it when complete, so an interrupted save is never restored. Restoring ta
 with the current run's shardings, so a checkpoint restores onto any mesh shape. A newest checkpoint that
 cannot be read falls back to the one before it, with a warning; training moves the damaged one aside
 (to `checkpoints_damaged/`, never deleting it) so that the step can be saved again.
+
+Arrays are stored in OCDBT databases (few, large files: right for GCS). Object stores without GCS's
+object generations, which OCDBT's manifest updates rely on (some S3-compatible stores, the local GCS
+emulator the tests use), need MMDIT_JAX_CHECKPOINT_OCDBT=0: one zarr array per parameter instead.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,9 +50,10 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
+    ocdbt = os.environ.get("MMDIT_JAX_CHECKPOINT_OCDBT", "1") != "0"
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=ocdbt), "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()

@@ -56,11 +56,13 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(self.path / "tensorboard"))
       self.jsonl_path = self.path / "metrics.jsonl"
-      if resume_step is not None and self.jsonl_path.exists():
-        kept = [line for line in self.jsonl_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
-      self.jsonl = self.jsonl_path.open("a")
+      self.lines = []
+      if self.jsonl_path.exists():
+        self.lines = [line for line in self.jsonl_path.read_text().splitlines() if line.strip() and (
+            resume_step is None or json.loads(line).get("step", 0) <= resume_step)]
+        self.jsonl_path.write_text("".join(line + "\n" for line in self.lines))
+      # Object stores (gs://) cannot append: there the file is rewritten whole at each write.
+      self.jsonl = None if "://" in str(self.path) else self.jsonl_path.open("a")
 
   def write(self, step: int, scalars: dict):
     if not self.active:
@@ -71,16 +73,20 @@ class MetricWriter:
       warn(f"non-finite metrics at step {step}: {', '.join(f'{k}={clean[k]}' for k in bad)}")
     for k, v in clean.items():
       self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self.jsonl.flush()
+    line = json.dumps({"step": int(step), **clean})
+    self.lines.append(line)
+    if self.jsonl is not None:
+      self.jsonl.write(line + "\n")
+      self.jsonl.flush()
+    else:
+      self.jsonl_path.write_text("".join(x + "\n" for x in self.lines))
     self.tb.flush()
 
   def last(self, key: str):
     """The last value of `key` in metrics.jsonl (process 0), or None."""
-    if not self.active or not self.jsonl_path.exists():
+    if not self.active:
       return None
-    self.jsonl.flush()
-    values = [r[key] for r in map(json.loads, self.jsonl_path.read_text().splitlines()) if key in r]
+    values = [r[key] for r in map(json.loads, self.lines) if key in r]
     return values[-1] if values else None
 
   def write_image(self, step: int, name: str, image: np.ndarray):
@@ -92,7 +98,8 @@ class MetricWriter:
   def close(self):
     if self.active:
       self.tb.close()
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
 
 
 def format_eta(seconds: float) -> str:

@@ -19,16 +19,16 @@ import hashlib
 import io
 import json
 import math
-import os
-import pathlib
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 from mmdit_jax import parallel
+from mmdit_jax import paths as user_paths
 from mmdit_jax.data import records, writer
 from mmdit_jax.errors import EXIT_BAD_INPUT, UserError
 from mmdit_jax.encoders import sd3
@@ -79,13 +79,14 @@ class TfdsItems:
 
 
 def read_manifest(path, image_key="image", caption_key="caption", label_key="") -> list[Item]:
-  """Items of a JSONL or CSV manifest; errors name the file, the line and what is wrong."""
-  path = pathlib.Path(path)
+  """Items of a JSONL or CSV manifest (any epath location; images relative to it); errors name the file,
+  the line and what is wrong."""
+  path = epath.Path(path)
   if not path.is_file():
     raise UserError(f"manifest {path} does not exist (expected a .jsonl or .csv file)")
   if path.suffix not in (".jsonl", ".csv"):
     raise UserError(f"manifest {path}: unknown format {path.suffix!r}; valid: .jsonl, .csv")
-  with open(path, newline="") as f:
+  with path.open("r") as f:
     if path.suffix == ".csv":
       rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]  # line 1 is the header
     else:
@@ -104,7 +105,9 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
     for key in (image_key, text_key):
       if not isinstance(row, dict) or key not in row:
         raise UserError(f"{path}:{line}: no {key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})")
-    image = (path.parent / str(row[image_key])).resolve()
+    image = path.parent / str(row[image_key])
+    if not user_paths.is_remote(image):
+      image = image.resolve()
     if not image.is_file():
       missing.append(str(image))
     if label_key:
@@ -135,7 +138,7 @@ def _open(image):
     return Image.open(io.BytesIO(image))
   if isinstance(image, np.ndarray):
     return Image.fromarray(image.astype(np.uint8))
-  return Image.open(image)
+  return Image.open(io.BytesIO(epath.Path(image).read_bytes()))
 
 
 def load_image(image, resolution: int, buckets) -> np.ndarray:
@@ -188,21 +191,22 @@ def read_source(c):
     items = TfdsItems(c.input, c.get("tfds_data_dir", ""), c.image_key, c.caption_key, c.label_key)
     return items, items.id
   items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key)
-  manifest = pathlib.Path(c.input).resolve()
+  manifest = epath.Path(c.input)
+  if not user_paths.is_remote(manifest):
+    manifest = manifest.resolve()
   return items, f"{manifest}:{hashlib.sha256(manifest.read_bytes()).hexdigest()}"
 
 
-def _write_json(path: pathlib.Path, data):
-  tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=1))
-  os.replace(tmp, path)
+def _write_json(path, data):
+  text = json.dumps(data, indent=1)
+  user_paths.write_atomically(path, lambda local: epath.Path(local).write_text(text))
 
 
 def _shard_name(i: int) -> str:
   return f"shard-{i:05d}.array_record"
 
 
-def _done_path(out: pathlib.Path, i: int) -> pathlib.Path:
+def _done_path(out: epath.Path, i: int) -> epath.Path:
   return out / f"shard-{i:05d}.done.json"
 
 
@@ -264,7 +268,7 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
   """
   index, count = process or (jax.process_index(), jax.process_count())
   _check_config(c)
-  out = pathlib.Path(c.output)
+  out = epath.Path(c.output)
   if (out / records.METADATA).is_file():
     log(f"{out} is already a complete dataset; nothing to do")
     return records.load_metadata(out)

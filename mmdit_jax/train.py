@@ -17,10 +17,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import evaluate, inputs, model, parallel
+from mmdit_jax import evaluate, inputs, model, parallel, paths
 from mmdit_jax.checkpoint import Checkpointer
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
-from mmdit_jax.errors import UserError
+from mmdit_jax.errors import ConfigError, UserError
 from mmdit_jax.metrics import MetricWriter, Progress, log, warn
 from mmdit_jax.parallel.distributed import check_same_everywhere
 from mmdit_jax.state import make_optimizer, restore_or_init
@@ -94,6 +94,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
     # ── Config: every check that can fail does so here, before data or compilation ──
     check_mesh_and_batch(cfg, jax.devices())
     check_same_everywhere(cfg.source, "config")
+    if cfg.debug.log_data_order and paths.is_remote(workdir):
+      raise ConfigError(f"debug.log_data_order appends to workdir/data_order.jsonl, which object stores cannot "
+                        f"do: use a local workdir for it, not {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(cfg.source)

@@ -6,6 +6,9 @@ import os
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Compile-for-TPU tests load libtpu (no TPU needed); with two xdist workers both may: libtpu's lock on
+# /tmp/libtpu_lockfile is for real chips, which no test touches.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Tiny models: compile time dominates run time, so XLA's CPU backend skips its slow optimisations (≈40 %
 # faster compiles). Subprocesses get the same flags from tests.helpers.env.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"

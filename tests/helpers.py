@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+from etils import epath
 
 from configs import rf_lognorm
 from mmdit_jax import config as config_lib
@@ -65,7 +66,7 @@ def main_cmd(workdir, *flags, config_file="configs/rf_lognorm.py") -> list[str]:
 
 def final_state(workdir, cfg: config_lib.TrainConfig, mesh_ici=(-1, 1, 1, 1)):
   """(step, state, data state) of the newest checkpoint, restored onto a mesh of `mesh_ici`."""
-  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  ckpt = Checkpointer(epath.Path(workdir) / "checkpoints")
   try:
     return restore_latest(cfg, make_optimizer(cfg.optim, cfg.total_steps)[0], parallel.make_mesh(mesh_ici), ckpt)
   finally:

@@ -14,9 +14,9 @@ SUBPACKAGES = ("flow", "model", "encoders", "data", "parallel")
 ALLOWED = {
     "flow": set(),
     "parallel": set(),
-    "data": set(),
-    "model": {"parallel"},
-    "encoders": {"model", "parallel"},
+    "data": {"paths"},
+    "model": {"parallel", "paths"},
+    "encoders": {"model", "parallel", "paths"},
 }
 
 

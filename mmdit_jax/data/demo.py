@@ -12,12 +12,12 @@ label's colour and shape in a random quadrant; `class_accuracy` scores samples a
 
 from __future__ import annotations
 
-import os
-import pathlib
 import re
 
 import numpy as np
+from etils import epath
 
+from mmdit_jax import paths
 from mmdit_jax.data import records
 from mmdit_jax.errors import UserError
 from mmdit_jax.data.writer import DatasetWriter
@@ -198,8 +198,8 @@ def write_demo_classes(path, num_examples: int, seed: int, examples_per_shard: i
 DEMO_KINDS = {"text": ("demo_shapes", write_demo), "classes": ("demo_classes", write_demo_classes)}
 
 
-def default_cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("MMDIT_JAX_CACHE", pathlib.Path.home() / ".cache" / "mmdit_jax"))
+def default_cache_dir() -> epath.Path:
+  return paths.cache_dir()
 
 
 def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None,
@@ -217,7 +217,7 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
   n = num_examples or sizes[split]
   split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
   name, write = DEMO_KINDS[kind]
-  path = pathlib.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
+  path = epath.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
   if not (path / records.METADATA).is_file():
     write(path, n, split_seed)
   return str(path)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 import sys
 
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
+from etils import epath
 
+from mmdit_jax import paths
 from mmdit_jax.data import records
 from mmdit_jax.data.tfds_source import TfdsSource
 from mmdit_jax.data.writer import SHAPES
@@ -57,14 +58,15 @@ class Dataset:
 
   def __init__(self, cfg: PipelineConfig):
     self.cfg = cfg
-    self.path = pathlib.Path(cfg.path)
+    self.path = epath.Path(cfg.path)
     if cfg.path.startswith("tfds:"):
       self.tfds = TfdsSource(cfg.path, cfg.tfds_data_dir, dict(cfg.tfds_rename))
       self.meta = self.tfds.meta
     else:
       self.tfds = None
       self.meta = records.load_metadata(self.path)
-      files = [str(self.path / name) for name, _ in self.meta.shards]
+      local = paths.local_view(cfg.path, "dataset")  # ArrayRecord reads local files: gs:// through a mount
+      files = [f"{local}/{name}" for name, _ in self.meta.shards]
       for (name, count), file in zip(self.meta.shards, files):
         _check_shard(file, count)
       self._offsets = np.cumsum([0] + [n for _, n in self.meta.shards])
@@ -72,7 +74,8 @@ class Dataset:
     self.features = self.meta.features
     shapes_path = self.path / SHAPES
     if self.tfds is None and shapes_path.is_file():
-      shapes = np.load(shapes_path)
+      with shapes_path.open("rb") as f:
+        shapes = np.load(f)
       if len(shapes) != self.meta.num_examples:
         raise records.DataError(f"{shapes_path}: {len(shapes)} rows for {self.meta.num_examples} examples")
       self.bucket_shapes, self.bucket_ids = np.unique(shapes, axis=0, return_inverse=True)
@@ -92,7 +95,7 @@ class Dataset:
     path = self.path / records.NULL_EMBEDDINGS
     if self.tfds is not None or not path.is_file():
       return None
-    with np.load(path) as data:
+    with path.open("rb") as f, np.load(f) as data:
       return {k: data[k] for k in data.files}
 
   def _dropout_rates(self):

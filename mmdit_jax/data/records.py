@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import numpy as np
+from etils import epath
 
 from mmdit_jax.errors import UserError
 
@@ -81,7 +81,8 @@ class Metadata:
 
 
 def load_metadata(path) -> Metadata:
-  path = pathlib.Path(path)
+  """metadata.json of the dataset at `path` (any epath location), with every listed shard present."""
+  path = epath.Path(path)
   meta_path = path / METADATA
   if not path.is_dir():
     raise DataError(f"dataset directory {path} does not exist")

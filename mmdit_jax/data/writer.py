@@ -1,5 +1,6 @@
-"""Writes datasets atomically: shards and metadata go to a temporary directory that is renamed into
-place only after everything is on disk, so a crash never leaves a dataset that looks complete.
+"""Writes datasets atomically: shards and metadata go to a local staging directory that is renamed into
+place (local disk) or uploaded with metadata.json last (gs:// and other stores) only after everything is
+written, so a crash never leaves a dataset that looks complete.
 
 CLI: python -m mmdit_jax.data.writer --out DIR --npz arrays.npz [--examples_per_shard N]
 (each array in the .npz is one feature, indexed by example along axis 0).
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
+import tempfile
 from typing import Iterable
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
+from mmdit_jax import paths
 from mmdit_jax.data import records
 
 SHAPES = "shapes.npy"  # per-example shapes of the bucketing feature, when its shape varies
@@ -26,7 +28,7 @@ class DatasetWriter:
 
   def __init__(self, path, features, extras: dict | None = None, *, examples_per_shard: int = 4096,
                null_embeddings: dict | None = None, bucket_feature: str = "latent", overwrite: bool = False):
-    self.path = pathlib.Path(path)
+    self.path = epath.Path(path)
     if self.path.exists() and not overwrite:
       raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
     self.features = tuple(f if isinstance(f, records.Feature) else records.Feature(
@@ -34,9 +36,13 @@ class DatasetWriter:
     self.extras = dict(extras or {})
     self.null_embeddings = null_embeddings
     self.examples_per_shard = examples_per_shard
-    self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-    shutil.rmtree(self.tmp, ignore_errors=True)
-    self.tmp.mkdir(parents=True)
+    if paths.is_remote(self.path):
+      self.tmp = epath.Path(tempfile.mkdtemp(prefix=f"{self.path.name}.partial-"))
+    else:
+      self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+      if self.tmp.exists():
+        self.tmp.rmtree()
+      self.tmp.mkdir(parents=True)
     self.shards: list[tuple[str, int]] = []
     self.writer, self.count = None, 0
     bucket = [f for f in self.features if f.name == bucket_feature and None in f.shape]
@@ -64,13 +70,20 @@ class DatasetWriter:
     if self.writer is not None:
       self.writer.close()
     if self.count == 0:
-      shutil.rmtree(self.tmp, ignore_errors=True)
+      self.tmp.rmtree(missing_ok=True)
       raise records.DataError(f"no examples were written to {self.path}")
     meta = finalize(self.tmp, self.features, self.shards, self.extras, self.null_embeddings,
                     self.shapes if self.bucket_feature else None)
     if self.path.exists():
-      shutil.rmtree(self.path)
-    os.replace(self.tmp, self.path)
+      self.path.rmtree()
+    if paths.is_remote(self.path):  # upload, metadata.json (the mark of completeness) last
+      files = sorted(self.tmp.iterdir(), key=lambda f: f.name == records.METADATA)
+      self.path.mkdir(parents=True, exist_ok=True)
+      for f in files:
+        f.copy(self.path / f.name, overwrite=True)
+      self.tmp.rmtree()
+    else:
+      self.tmp.rename(self.path)
     return meta
 
   def __enter__(self):
@@ -82,38 +95,42 @@ class DatasetWriter:
     else:  # leave nothing that could be mistaken for a dataset
       if self.writer is not None:
         self.writer.close()
-      shutil.rmtree(self.tmp, ignore_errors=True)
+      self.tmp.rmtree(missing_ok=True)
     return False
 
 
 def write_shard(path, features, examples: Iterable[dict], where: str = "") -> int:
-  """Writes one shard file atomically (a temporary name renamed into place); returns the record count."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-  writer = ArrayRecordWriter(str(tmp), "group_size:1")
-  n = 0
-  try:
-    for n, ex in enumerate(examples, 1):
-      writer.write(records.encode(ex, features, f"{where or path.name} example {n - 1}"))
-  finally:
-    writer.close()
-  os.replace(tmp, path)
-  return n
+  """Writes one shard file atomically (written under a temporary name, then renamed or uploaded whole);
+  returns the record count."""
+  path = epath.Path(path)
+  count = [0]
+
+  def write(local: str):
+    writer = ArrayRecordWriter(local, "group_size:1")
+    try:
+      for n, ex in enumerate(examples, 1):
+        writer.write(records.encode(ex, features, f"{where or path.name} example {n - 1}"))
+        count[0] = n
+    finally:
+      writer.close()
+
+  paths.write_atomically(path, write)
+  return count[0]
 
 
 def finalize(path, features, shards, extras, null_embeddings=None, shapes=None) -> records.Metadata:
-  """Writes null embeddings, bucket shapes and, last and synced, metadata.json into a directory of
-  finished shards: from then on it is a complete dataset."""
-  path = pathlib.Path(path)
+  """Writes null embeddings, bucket shapes and, last and whole, metadata.json into a directory of finished
+  shards: from then on it is a complete dataset."""
+  path = epath.Path(path)
   if null_embeddings is not None:
-    np.savez(path / records.NULL_EMBEDDINGS, **null_embeddings)
+    with (path / records.NULL_EMBEDDINGS).open("wb") as f:
+      np.savez(f, **null_embeddings)
   if shapes is not None:
-    np.save(path / SHAPES, np.asarray(shapes, np.int32))
+    with (path / SHAPES).open("wb") as f:
+      np.save(f, np.asarray(shapes, np.int32))
   meta = records.Metadata(tuple(features), tuple(shards), dict(extras))
-  with open(path / records.METADATA, "w") as f:  # written last: its presence marks completeness
-    json.dump(meta.to_json(), f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
+  text = json.dumps(meta.to_json(), indent=1)
+  paths.write_atomically(path / records.METADATA, lambda local: epath.Path(local).write_text(text))
   return meta
 
 
@@ -137,7 +154,7 @@ def main(argv=None):
   parser.add_argument("--examples_per_shard", type=int, default=4096)
   parser.add_argument("--extras", default="{}", help="JSON merged into metadata.json")
   args = parser.parse_args(argv)
-  with np.load(args.npz) as data:
+  with epath.Path(args.npz).open("rb") as f, np.load(f) as data:
     arrays = {k: data[k] for k in data.files}
   meta = write_arrays(args.out, arrays, json.loads(args.extras), examples_per_shard=args.examples_per_shard)
   print(f"wrote {meta.num_examples} examples in {len(meta.shards)} shards to {args.out}")

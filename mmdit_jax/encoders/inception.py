@@ -11,13 +11,14 @@ output is the 2048-d pool3 feature. Batch norms are frozen (inference statistics
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from mmdit_jax import paths
 from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params
 
 
@@ -194,9 +195,9 @@ UNUSED = ("fc.weight", "fc.bias")  # the 1008-way logits: FID uses pool3 only
 
 
 def _load_tensors(path) -> dict:
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no Inception weights at {path} (pt_inception-2015-12-05-6726825d.pth or .safetensors)")
+  if not epath.Path(path).is_file():
+    raise ConversionError(f"no Inception weights at {path} (pt_inception-2015-12-05-6726825d.pth or .safetensors)")
+  path = epath.Path(paths.local_copy(path, paths.cache_dir()))
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file
     return {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}

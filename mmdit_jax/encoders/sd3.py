@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from mmdit_jax import parallel
 from mmdit_jax.errors import UserError
@@ -43,7 +43,7 @@ class EncoderPaths:
   @classmethod
   def from_config(cls, c) -> "EncoderPaths":
     """From a ConfigDict with `root` (an SD3 diffusers checkpoint) and optional per-role overrides."""
-    root = pathlib.Path(c.get("root", "") or ".")
+    root = epath.Path(c.get("root", "") or ".")
     fields = {}
     for role, (weights, tok) in SD3_LAYOUT.items():
       fields[role] = c.get(role, "") or (str(root / weights) if c.get("root") else "")
@@ -59,17 +59,17 @@ class EncoderPaths:
                        f"checkpoint directory, or config.encoders.<role> for each of {list(SD3_LAYOUT)}")
     for role in ("clip_l", "clip_g", "t5", "vae"):
       p = getattr(paths, role)
-      if p and not pathlib.Path(p).exists():
+      if p and not epath.Path(p).exists():
         raise UserError(f"config.encoders: {role} weights {p} do not exist")
     return paths
 
 
 def weights_sha256(path) -> str:
   """SHA-256 over the .safetensors files of a weights file or directory (sorted by name)."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   h = hashlib.sha256()
   for f in ([path] if path.is_file() else sorted(path.glob("*.safetensors"))):
-    with open(f, "rb") as fh:
+    with f.open("rb") as fh:
       for chunk in iter(lambda: fh.read(1 << 24), b""):
         h.update(chunk)
   return h.hexdigest()

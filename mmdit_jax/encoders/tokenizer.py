@@ -5,10 +5,10 @@ SD3 pads every prompt to a fixed length and truncates longer ones, so each encod
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
+from etils import epath
 
+from mmdit_jax import paths
 from mmdit_jax.errors import UserError
 
 # Files that make a directory loadable by transformers.AutoTokenizer, per kind.
@@ -20,12 +20,13 @@ class Tokenizer:
 
   def __init__(self, path, max_length: int):
     import transformers  # heavy: imported when a tokenizer is actually needed
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
       raise UserError(f"no tokenizer at {path}: expected a directory with one of {TOKENIZER_FILES} "
                               "(e.g. the tokenizer/ folder of a diffusers SD3 checkpoint)")
     self.path, self.max_length = path, max_length
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    local = paths.local_copy(path, paths.cache_dir())  # a gs:// tokenizer: its mount, or a local copy
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
   def __call__(self, texts) -> np.ndarray:
     texts = [texts] if isinstance(texts, str) else list(texts)

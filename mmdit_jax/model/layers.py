@@ -56,22 +56,38 @@ def constrain(x, *axes):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def constrain_like_params(tree, logical_specs):
-  """Constrains each array of `tree` to its parameter sharding (logical PartitionSpecs mapped by the active
-  rules); a no-op without a mesh and rules.
+def constrain_like_params(tree, specs):
+  """FSDP for one layer's parameters inside a scan: each array is constrained to its stored sharding, then
+  gathered over the batch axes (those 'act_batch' maps to: data, fsdp) and kept split over the others
+  (tensor). A no-op without a mesh and rules.
 
-  Applied to one layer's parameters inside a scan, it makes FSDP what it should be: the forward gathers
-  that layer's weights just before use, and the constraint's transpose makes the backward reduce-scatter
-  that layer's gradient into its shards, instead of all-reducing full-size gradients.
+  Without the gather, XLA may split the layer's matmuls over the embedding dimension (all-to-alls and
+  full-size partial-sum all-reduces: the traffic of tensor parallelism on a batch axis). With it, the
+  forward all-gathers the layer's weights just before use, and the transposes make the backward
+  reduce-scatter that layer's gradient into its shards.
   """
   rules = flax_spmd.get_logical_axis_rules()
   if not rules or jax.sharding.get_abstract_mesh().empty:
     return tree
   table = dict(rules)
+  batch_axes = table.get("act_batch") or ()
+  batch_axes = {batch_axes} if isinstance(batch_axes, str) else set(batch_axes)
+
+  def mesh_spec(spec, gathered):
+    axes = []
+    for name in spec:  # logical names, or mesh axes already (nnx resolves specs under active rules)
+      mapped = table.get(name, name) if isinstance(name, str) else name
+      if gathered and mapped is not None:
+        kept = tuple(a for a in ((mapped,) if isinstance(mapped, str) else mapped) if a not in batch_axes)
+        mapped = kept[0] if len(kept) == 1 else (kept or None)
+      axes.append(mapped)
+    return jax.sharding.PartitionSpec(*axes)
+
   is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
-  mesh_specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*(table.get(a) if a else None for a in s)),
-                            logical_specs, is_leaf=is_spec)
-  return jax.tree.map(jax.lax.with_sharding_constraint, tree, mesh_specs)
+  stored = jax.tree.map(lambda s: mesh_spec(s, False), specs, is_leaf=is_spec)
+  gathered = jax.tree.map(lambda s: mesh_spec(s, True), specs, is_leaf=is_spec)
+  tree = jax.tree.map(jax.lax.with_sharding_constraint, tree, stored)
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, gathered)
 
 
 def layer_norm(x, eps=1e-6):

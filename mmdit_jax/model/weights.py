@@ -8,14 +8,15 @@ the unknown, missing or mis-shaped tensors.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import safe_open
 
+from mmdit_jax import paths
 from mmdit_jax.errors import UserError
 from mmdit_jax.model import api
 
@@ -25,8 +26,14 @@ class ConversionError(UserError):
 
 
 def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
-  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any."""
-  path = pathlib.Path(path)
+  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any.
+  Remote weights (gs://) are read from their bucket's mount, or copied once into the local cache."""
+  if paths.is_remote(path) and not epath.Path(path).is_dir():  # a single file: bring its config.json too
+    config = epath.Path(path).parent / "config.json"
+    path = paths.local_copy(path, paths.cache_dir())
+    if config.exists():
+      paths.local_copy(config, paths.cache_dir())
+  path = epath.Path(paths.local_copy(path, paths.cache_dir()))
   if path.is_dir():
     files = sorted(path.glob("*.safetensors"))
     config_path = path / "config.json"
