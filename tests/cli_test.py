@@ -98,15 +98,15 @@ def test_bad_input_is_one_paragraph_without_traceback(tmp_path, flags, match):
 
 @pytest.mark.slow
 def test_readme_main_command(tmp_path):
-  """The README's main command, verbatim on the embedded default, cut to 50 of its steps (logged every 10)
+  """The README's main command, verbatim on the embedded default, cut to 20 of its steps (logged every 5)
   to keep the suite short (the full run's time is measured outside the suite): it runs, the loss falls,
   it leaves validation results and a sample grid, and every line it prints appears once."""
   readme = (helpers.ROOT / "README.md").read_text()
   command = "python -m mmdit_jax.main --config=configs/rf_lognorm.py --workdir="
   assert command in readme
   start = time.time()
-  proc = subprocess.run(helpers.main_cmd(tmp_path / "wd", "--config.total_steps=50", "--config.log_every=10"),
-                        cwd=helpers.ROOT, env=helpers.env(devices=1, fast_compile=False), capture_output=True,
+  proc = subprocess.run(helpers.main_cmd(tmp_path / "wd", "--config.total_steps=20", "--config.log_every=5"),
+                        cwd=helpers.ROOT, env=helpers.env(devices=1), capture_output=True,
                         text=True, timeout=600)
   elapsed = time.time() - start
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -115,8 +115,8 @@ def test_readme_main_command(tmp_path):
   lines = [l for l in (out + proc.stderr).splitlines() if l.strip()]
   assert len(lines) == len(set(lines)) and len(lines) < 30, lines  # once each, and no library chatter
   losses = helpers.losses(tmp_path / "wd")
-  assert losses[-1] < 0.7 * losses[0], losses
+  assert losses[-1] < 0.8 * losses[0], losses
   results = json.loads((tmp_path / "wd" / "results.json").read_text())
   assert results["val_ema/loss"] < results["val_raw/loss"] * 2 and np.isfinite(results["val_ema/loss"])
-  assert np.isfinite(results["fid/demo"]) and (tmp_path / "wd" / "samples" / "step_0000050.png").is_file()
-  print(f"README main command (50 steps): {elapsed:.0f} s, loss {losses[0]:.3f} → {losses[-1]:.3f}")
+  assert np.isfinite(results["fid/demo"]) and (tmp_path / "wd" / "samples" / "step_0000020.png").is_file()
+  print(f"README main command (20 steps): {elapsed:.0f} s, loss {losses[0]:.3f} → {losses[-1]:.3f}")

@@ -14,7 +14,7 @@ from tests import helpers
 # The fake: records argv (one JSON list per line), answers `describe` with an ACTIVE queued resource or a TPU
 # VM of FAKE_WORKERS hosts, prints a line per ssh command, and exits with the next code of FAKE_SSH_EXITS.
 FAKE_GCLOUD = r'''#!/usr/bin/env python3
-import json, os, sys
+import fcntl, json, os, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
   f.write(json.dumps(args) + "\n")
@@ -34,9 +34,11 @@ elif "ssh" in args and any(a.startswith("--command=cd ~/mmdit_jax") and "venv" i
   worker = [a for a in args if a.startswith("--worker=")][0].split("=")[1]
   print(f"training on worker {worker}")
   exits = os.environ.get("FAKE_SSH_EXITS", "0").split(",")
-  state = os.environ["FAKE_GCLOUD_LOG"] + ".runs"
-  n = int(open(state).read()) if os.path.exists(state) else 0
-  open(state, "w").write(str(n + 1))
+  with open(os.environ["FAKE_GCLOUD_LOG"] + ".runs", "a+") as counter:  # workers run at once: count under a lock
+    fcntl.flock(counter, fcntl.LOCK_EX)
+    counter.seek(0)
+    n = len(counter.read())
+    counter.write("x")
   sys.exit(int(exits[min(n // int(os.environ["FAKE_WORKERS"]), len(exits) - 1)]))
 '''
 

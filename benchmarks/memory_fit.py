@@ -1,0 +1,151 @@
+"""The memory-fit table: which SD3 recipe (2B d=24, 8B d=38) fits which TPU slice at 256² and 1024², with what
+mesh, remat policy and largest per-chip batch — found by compiling the real train step for each topology on
+this CPU machine (libtpu needed, no TPU; see `--mode=compile`).
+
+  python benchmarks/memory_fit.py --out=docs/memory_fit.json [--models=2b,8b] [--res=256,1024] \
+      [--slices=v5p-64,v5e-16,v5e-64,v6e-16] [--markdown=docs/memory_fit.md]
+
+Per cell: compile at a per-chip batch of 1 with the preset's remat policy ('dots' for 2B; 'full' for 8B, and
+for any cell where 'dots' does not fit); the HBM left after the batch-independent part (arguments) divided by
+that compile's temporaries (an upper bound on the per-example cost, since temporaries also hold gathered
+layer weights) gives a per-chip batch, which is then compiled to confirm it fits (halved until it does).
+The mesh: FSDP over min(chips, 16) and data parallelism over the rest (what `configs/rf_lognorm.py` pod
+examples use). Each compile runs in its own process (the 8B step holds several GiB while compiling). Cells
+are appended to --out as they finish; a re-run skips the cells already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Cloud TPU slice names count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
+SLICES = {"v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8",
+          "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8", "v4-64": "v4:2x4x4"}
+HEADROOM = 0.95  # leave 5 % of HBM for the runtime and fragmentation
+
+
+def _compile(model: str, res: int, topology: str, remat: str, per_chip: int, timeout_s: int) -> dict:
+  chips = math.prod(int(d) for d in topology.split(":")[-1].split("x"))
+  fsdp = min(chips, 16)
+  code = f"""
+import json, sys
+from mmdit_jax.aot import prepare_environment
+prepare_environment()
+import jax
+jax.config.update("jax_enable_compilation_cache", False)
+from configs import rf_lognorm
+from mmdit_jax import aot, config as config_lib
+c = rf_lognorm.get_config("size={model},res={res},batch={per_chip * chips}")
+c.model.remat = "{remat}"
+c.mesh.ici.data, c.mesh.ici.fsdp = -1, {fsdp}
+r = aot.compile_report(config_lib.from_config_dict(c), "{topology}", sample=False)
+print("REPORT " + json.dumps(r))
+"""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"fits": None, "error": f"compile did not finish in {timeout_s} s on this machine", "remat": remat,
+            "per_chip_batch": per_chip, "compile_s": timeout_s}
+  for line in proc.stdout.splitlines():
+    if line.startswith("REPORT "):
+      report = json.loads(line[len("REPORT "):])
+      report["wall_s"] = time.perf_counter() - start
+      return report
+  raise RuntimeError(f"compile process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _fits(r: dict, hbm: float) -> bool:
+  return bool(r.get("fits")) and r["total_gib"] <= HEADROOM * hbm
+
+
+def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
+  topology = SLICES[slice_name]
+  tried = []
+  for remat in (["dots", "full"] if model == "2b" else ["full"]):
+    probe = _compile(model, res, topology, remat, 1, timeout_s)
+    tried.append({k: probe.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
+    if probe.get("fits") is None:  # timed out: a bigger remat will not compile faster
+      return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": None,
+              "why": probe["error"], "tried": tried}
+    if not _fits(probe, probe["hbm_gib"]):
+      continue
+    budget = HEADROOM * probe["hbm_gib"] - probe["argument_gib"]
+    batch = max(1, int(budget // max(probe["temp_gib"], 1e-3)))
+    best = probe
+    while batch > 1:
+      r = _compile(model, res, topology, remat, batch, timeout_s)
+      tried.append({k: r.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
+      if r.get("fits") is not None and _fits(r, r["hbm_gib"]):
+        best = r
+        break
+      batch //= 2
+    return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": True,
+            "remat": remat, "mesh": best["mesh"], "max_per_chip_batch": int(best["per_chip_batch"]),
+            "total_gib": best["total_gib"], "state_gib": best["state_gib"], "temp_gib": best["temp_gib"],
+            "hbm_gib": best["hbm_gib"], "roofline_mfu": best["roofline_mfu"],
+            "roofline_step_s": best["roofline_step_s"], "collectives": best["collectives"],
+            "params": best["params"], "tried": tried}
+  last = probe
+  why = (f"per-chip batch 1 needs {last['total_gib']:.1f} GiB of {last['hbm_gib']:.1f} (state "
+         f"{last['state_gib']:.1f}, temporaries {last['temp_gib']:.1f}) with remat={last['remat']}"
+         if "total_gib" in last else (last.get("error") or "").splitlines()[0][:300])
+  return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": False, "why": why,
+          "tried": tried}
+
+
+def markdown(cells: list[dict]) -> str:
+  lines = ["| model | res | slice (topology) | fits | mesh | remat | max batch / chip | HBM / chip at it | state | roofline MFU |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for c in cells:
+    head = f"| {c['model']} | {c['res']}² | {c['slice']} ({c['topology']}) |"
+    if c["fits"]:
+      mesh = " × ".join(f"{k} {v}" for k, v in c["mesh"].items() if v > 1)
+      lines.append(f"{head} yes | {mesh} | {c['remat']} | {c['max_per_chip_batch']} | "
+                   f"{c['total_gib']:.1f} of {c['hbm_gib']:.1f} GiB | {c['state_gib']:.2f} GiB | "
+                   f"{c['roofline_mfu']:.0%} |")
+    else:
+      lines.append(f"{head} {'no' if c['fits'] is False else 'unknown'} | | | | {c['why']} | | |")
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default="docs/memory_fit.json")
+  parser.add_argument("--markdown", default="")
+  parser.add_argument("--models", default="2b,8b")
+  parser.add_argument("--res", default="256,1024")
+  parser.add_argument("--slices", default="v5p-64,v5e-16,v5e-64,v6e-16")
+  parser.add_argument("--timeout_s", type=int, default=900, help="per compile")
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  cells = json.loads(out.read_text()) if out.exists() else []
+  done = {(c["model"], c["res"], c["slice"]) for c in cells}
+  for model in args.models.split(","):
+    for res in map(int, args.res.split(",")):
+      for slice_name in args.slices.split(","):
+        if (model, res, slice_name) in done:
+          continue
+        start = time.perf_counter()
+        cell = fit_cell(model, res, slice_name, args.timeout_s)
+        cell["search_s"] = time.perf_counter() - start
+        cells.append(cell)
+        out.write_text(json.dumps(cells, indent=1))
+        print(markdown([cell]).splitlines()[-1], f"({cell['search_s']:.0f} s)", flush=True)
+  if args.markdown:
+    pathlib.Path(args.markdown).write_text(markdown(cells))
+  print(markdown(cells))
+
+
+if __name__ == "__main__":
+  main()
