@@ -6,9 +6,10 @@ this CPU machine (libtpu needed, no TPU; see `--mode=compile`).
       [--slices=v5p-64,v5e-16,v5e-64,v6e-16] [--markdown=docs/memory_fit.md]
 
 Per cell: compile at a per-chip batch of 1 with the preset's remat policy ('dots' for 2B; 'full' for 8B, and
-for any cell where 'dots' does not fit); the HBM left after the batch-independent part (arguments) divided by
-that compile's temporaries (an upper bound on the per-example cost, since temporaries also hold gathered
-layer weights) gives a per-chip batch, which is then compiled to confirm it fits (halved until it does).
+for any cell where 'dots' does not fit); the HBM left after the arguments (state), divided by that compile's
+temporaries, gives a batch that is compiled next (halved until it fits); the two compiles give temporaries
+= c + k·batch, whose largest fitting batch is compiled last. The table reports the largest batch that
+compiled within 95 % of HBM.
 The mesh: FSDP over min(chips, 16) and data parallelism over the rest (what `configs/rf_lognorm.py` pod
 examples use). Each compile runs in its own process (the 8B step holds several GiB while compiling). Cells
 are appended to --out as they finish; a re-run skips the cells already there.
@@ -72,6 +73,12 @@ def _fits(r: dict, hbm: float) -> bool:
 def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
   topology = SLICES[slice_name]
   tried = []
+
+  def _try(batch):
+    r = _compile(model, res, topology, remat, batch, timeout_s)
+    tried.append({k: r.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
+    return r if r.get("fits") is not None and _fits(r, r["hbm_gib"]) else None
+
   for remat in (["dots", "full"] if model == "2b" else ["full"]):
     probe = _compile(model, res, topology, remat, 1, timeout_s)
     tried.append({k: probe.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
@@ -81,15 +88,33 @@ def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
     if not _fits(probe, probe["hbm_gib"]):
       continue
     budget = HEADROOM * probe["hbm_gib"] - probe["argument_gib"]
-    batch = max(1, int(budget // max(probe["temp_gib"], 1e-3)))
     best = probe
+    batch = max(1, int(budget // max(probe["temp_gib"], 1e-3)))  # temporaries ∝ batch: an underestimate
     while batch > 1:
-      r = _compile(model, res, topology, remat, batch, timeout_s)
-      tried.append({k: r.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
-      if r.get("fits") is not None and _fits(r, r["hbm_gib"]):
+      r = _try(batch)
+      if r is not None:
         best = r
         break
       batch //= 2
+    # Temporaries ≈ c + k·batch: the batch where that line meets the budget, from the two compiles known
+    # nearest to it, compiled to confirm (twice at most: secant steps from both sides).
+    points = [(1, probe["temp_gib"])] + ([(best["per_chip_batch"], best["temp_gib"])] if best is not probe else [])
+    for _ in range(2):
+      if len(points) < 2:
+        break
+      (b0, t0), (b1, t1) = points[-2], points[-1]
+      k = (t1 - t0) / (b1 - b0)
+      guess = int(b1 + (budget - t1) // k) if k > 0 else 0
+      if guess <= best["per_chip_batch"] or guess in (b0, b1):
+        break
+      r = _compile(model, res, topology, remat, guess, timeout_s)
+      tried.append({k_: r.get(k_) for k_ in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
+      if r.get("fits") is None or "temp_gib" not in r:
+        break
+      if _fits(r, r["hbm_gib"]):
+        best = r
+        break
+      points = [(best["per_chip_batch"], best["temp_gib"]), (guess, r["temp_gib"])]
     return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": True,
             "remat": remat, "mesh": best["mesh"], "max_per_chip_batch": int(best["per_chip_batch"]),
             "total_gib": best["total_gib"], "state_gib": best["state_gib"], "temp_gib": best["temp_gib"],
@@ -105,7 +130,7 @@ def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
 
 
 def markdown(cells: list[dict]) -> str:
-  lines = ["| model | res | slice (topology) | fits | mesh | remat | max batch / chip | HBM / chip at it | state | roofline MFU |",
+  lines = ["| model | res | slice (topology) | fits | mesh | remat | max batch / chip | HBM / chip at it | state / chip | roofline step |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for c in cells:
     head = f"| {c['model']} | {c['res']}² | {c['slice']} ({c['topology']}) |"
@@ -113,7 +138,7 @@ def markdown(cells: list[dict]) -> str:
       mesh = " × ".join(f"{k} {v}" for k, v in c["mesh"].items() if v > 1)
       lines.append(f"{head} yes | {mesh} | {c['remat']} | {c['max_per_chip_batch']} | "
                    f"{c['total_gib']:.1f} of {c['hbm_gib']:.1f} GiB | {c['state_gib']:.2f} GiB | "
-                   f"{c['roofline_mfu']:.0%} |")
+                   f"{c['roofline_step_s'] * 1e3:.0f} ms |")
     else:
       lines.append(f"{head} {'no' if c['fits'] is False else 'unknown'} | | | | {c['why']} | | |")
   return "\n".join(lines) + "\n"

@@ -73,6 +73,12 @@ class MeshConfig:
     return {"ici": dict(zip(MESH_AXES, self.ici)), "dcn": dict(zip(MESH_AXES, self.dcn))}
 
 
+# The sampler's time grid: `reference` is SD3's / diffusers' flow-matching grid (flow.samplers.reference_grid),
+# `uniform` shift(linspace(1, 0, N + 1)), `log_snr` uniform in log-SNR (EDM); `auto` picks reference for rf,
+# log_snr for the EDM processes and uniform for the others.
+SAMPLE_SCHEDULES = ("auto", "reference", "uniform", "log_snr")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   sampler: str = "euler"  # key of flow.samplers.SAMPLERS
@@ -82,9 +88,24 @@ class SampleConfig:
   threshold: str = "none"  # none | static | dynamic
   percentile: float = 0.995
   seed: int = 0
+  schedule: str = "auto"  # auto | reference | uniform | log_snr (see SAMPLE_SCHEDULES)
+  train_timesteps: int = 1000  # the reference grid's σ_min = shift(1 / train_timesteps) (SD3: 1000)
+  timesteps: tuple[float, ...] = ()  # an explicit grid of steps + 1 decreasing times ending at 0 (overrides)
+  noise: str = ""  # .npy of initial noise (N, h, w, C) for --mode=sample (else drawn from seed)
+  height: int = 0  # --mode=sample image size in pixels (0: the model's sample size); multiples of 16
+  width: int = 0
 
   def __post_init__(self):
     samplers = flow.samplers
+    _check("sample.schedule", self.schedule in SAMPLE_SCHEDULES, f"{self.schedule!r}; valid: {list(SAMPLE_SCHEDULES)}")
+    _check("sample.train_timesteps", self.train_timesteps >= 1, f"must be >= 1, got {self.train_timesteps}")
+    ts = tuple(float(t) for t in self.timesteps)
+    object.__setattr__(self, "timesteps", ts)
+    _check("sample.timesteps", not ts or (len(ts) == self.steps + 1 and ts[0] <= 1.0 and ts[-1] == 0.0 and all(
+        a > b for a, b in zip(ts, ts[1:]))), f"needs sample.steps + 1 = {self.steps + 1} strictly decreasing "
+           f"times from at most 1 down to 0, got {ts}")
+    _check("sample.height/width", self.height >= 0 and self.width >= 0 and self.height % 16 == 0 and
+           self.width % 16 == 0, f"multiples of 16 (0: the model's size), got {self.height}×{self.width}")
     _check("sample.sampler", self.sampler in samplers.SAMPLERS,
            f"{self.sampler!r}; valid: {sorted(samplers.SAMPLERS)}")
     _check("sample.threshold", self.threshold in samplers.THRESHOLDS,
@@ -117,6 +138,11 @@ class EncodersConfig:
   clip_g_tokenizer: str = ""
   t5_tokenizer: str = ""
   no_t5: bool = False  # zeros in T5's place (SD3 §5.3.2)
+  t5_tokens: int = 256  # T5 sequence length when these encoders are given (diffusers' default 256; SD3 trained
+  # on 77); a dataset's recorded encoders use the length it was precomputed with
+
+  def __post_init__(self):
+    _check("encoders.t5_tokens", self.t5_tokens >= 1, f"must be >= 1, got {self.t5_tokens}")
 
   def get(self, key, default=None):  # the mapping view encoders.sd3.EncoderPaths.from_config reads
     return getattr(self, key, default)

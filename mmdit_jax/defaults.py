@@ -144,6 +144,12 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sample.threshold = "none"  # none | static | dynamic (Imagen)
   c.sample.percentile = 0.995  # dynamic thresholding's quantile
   c.sample.seed = 0  # noise of sample i: fold_in(key(seed), i)
+  c.sample.schedule = "auto"  # time grid: auto | reference (SD3/diffusers) | uniform | log_snr (EDM)
+  c.sample.train_timesteps = 1000  # the reference grid's σ_min = shift(1/train_timesteps), as SD3
+  c.sample.timesteps = ()  # explicit grid: steps + 1 decreasing times ending at 0 (overrides schedule)
+  c.sample.noise = ""  # --mode=sample: .npy of initial noise (N, h, w, C); else drawn from the seeds
+  c.sample.height = 0  # --mode=sample: image size in pixels, multiples of 16 (0: the model's sample size)
+  c.sample.width = 0
 
   c.eval = ml_collections.ConfigDict()  # sample evaluation
   c.eval.num_samples = 64  # samples per evaluation (grid, accuracy, FID, CLIP score)
@@ -152,6 +158,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.eval.clip_score = ""  # 'package.module:factory' returning (embed_images, embed_texts)
 
   c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
+  c.encoders.t5_tokens = 256  # T5 length with these encoders (diffusers' default; 77 as SD3 trained)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.halt_at_step = 0  # checkpoint and exit at this step as if preempted (0: off; tests, debugging)

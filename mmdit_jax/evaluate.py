@@ -66,24 +66,36 @@ def validation_both(cfg: TrainConfig, state, dataset, mesh, level_fn=None) -> di
 # ── Generation ──
 
 def sampling_grid(cfg: TrainConfig):
-  """The sampler's decreasing times: uniform in log-SNR for EDM processes, else the shifted uniform grid."""
-  f, steps = cfg.formulation, cfg.sample.steps
-  if f.is_edm:
-    return samplers.log_snr_grid(f.path, steps, samplers.t_max(f.path))
-  return samplers.timestep_grid(steps, shift=f.shift)
+  """The sampler's steps + 1 decreasing times (config.sample.schedule, or the explicit sample.timesteps):
+  by default SD3's reference grid for rf, uniform in log-SNR for the EDM processes, else the shifted
+  uniform grid."""
+  f, s = cfg.formulation, cfg.sample
+  if s.timesteps:
+    return jnp.asarray(s.timesteps, jnp.float32)
+  schedule = s.schedule
+  if schedule == "auto":
+    schedule = "log_snr" if f.is_edm else "reference" if f.process == "rf" else "uniform"
+  if schedule == "log_snr":
+    return samplers.log_snr_grid(f.path, s.steps, samplers.t_max(f.path))
+  if schedule == "reference":
+    return samplers.reference_grid(s.steps, shift=f.shift, train_timesteps=s.train_timesteps)
+  return samplers.timestep_grid(s.steps, shift=f.shift)
 
 
 def make_generate(cfg: TrainConfig):
-  """jit-able (params, cond, null_cond, noise (B, h, w, C)) → latents, for any backbone.
+  """jit-able (params, cond, null_cond, noise (B, h, w, C), ts=None) → latents, for any backbone.
 
   cond holds the backbone's conditioning features batched ({context, pooled} or {label}); null_cond the
-  unconditional ones (unbatched: broadcast), run in the same batch for classifier-free guidance.
+  unconditional (or negative-prompt) ones, unbatched (broadcast) or one per sample, run in the same batch
+  for classifier-free guidance. ts: the time grid (steps + 1 decreasing times ending at 0); None →
+  sampling_grid(cfg).
   """
   f, scfg = cfg.formulation, cfg.sample
 
-  def generate(params, cond, null_cond, noise):
+  def generate(params, cond, null_cond, noise, ts=None):
     b = noise.shape[0]
-    ts = sampling_grid(cfg)  # traced: nothing is computed outside the compiled program
+    if ts is None:
+      ts = sampling_grid(cfg)  # traced: nothing is computed outside the compiled program
 
     def net(z, t, guided):
       zin = f.model_input(z, t)
@@ -96,7 +108,7 @@ def make_generate(cfg: TrainConfig):
 
     denoise = samplers.make_denoiser(f.path, f.prediction, net, guidance_scale=scfg.guidance,
                                      guidance_interval=scfg.guidance_interval, threshold=scfg.threshold,
-                                     percentile=scfg.percentile, num_steps=scfg.steps)
+                                     percentile=scfg.percentile, num_steps=ts.shape[0] - 1)
     return samplers.sample(scfg.sampler, f.path, denoise, noise, ts)
 
   return generate
@@ -138,17 +150,21 @@ def save_png(image: np.ndarray, path):
     Image.fromarray(image).save(f, format="PNG")
 
 
-def generate_batched(generate, params, cond: dict, null_cond: dict, noise: np.ndarray, batch: int, mesh):
-  """Runs `generate` over all rows in fixed batches of `batch` (one compilation), split over the mesh."""
+def generate_batched(generate, params, cond: dict, null_cond: dict, noise: np.ndarray, batch: int, mesh,
+                     null_per_sample: bool = False):
+  """Runs `generate` over all rows in fixed batches of `batch` (one compilation), split over the mesh.
+  null_cond is shared by every sample, or (null_per_sample: negative prompts) one row per sample."""
   n = len(noise)
   dp = parallel.data_parallel_size(mesh)
   batch = -(-min(batch, n) // dp) * dp
-  null_cond = {k: jnp.asarray(v) for k, v in null_cond.items()}
+  shared = None if null_per_sample else {k: jnp.asarray(v) for k, v in null_cond.items()}
   chunks = []
   for i in range(0, n, batch):
     rows = {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh) for k, v in cond.items()}
+    null = shared or {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh)
+                      for k, v in null_cond.items()}
     z = parallel.put_rows(parallel.pad_batch(noise[i:i + batch], batch), mesh)
-    chunks.append(np.asarray(parallel.to_host(generate(params, rows, null_cond, z)))[:min(batch, n - i)])
+    chunks.append(np.asarray(parallel.to_host(generate(params, rows, null, z)))[:min(batch, n - i)])
   return np.concatenate(chunks)
 
 

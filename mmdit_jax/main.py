@@ -27,7 +27,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Persistent XLA compilation cache directory ('' disables); default "
     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/mmdit_jax/xla.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line (plain "
+                                    "text, or JSON {\"prompt\", \"negative_prompt\", \"seed\"}).")
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", "", "--mode=sample: the unconditional branch of "
+                                       "guidance for every prompt without its own ('' as default).")
+_SEEDS = flags.DEFINE_list("seeds", [], "--mode=sample: a seed per --prompt (else config.sample.seed with each "
+                           "sample's index).")
 _LABELS = flags.DEFINE_list("labels", [], "--mode=sample, class-conditional models: class labels, e.g. 0,5,11.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: a TPU topology, e.g. v5p:4x4x4, v5e:4x4, "
@@ -77,15 +82,25 @@ def _setup_logging_and_cache():
     jax.config.update("jax_compilation_cache_dir", cache)
 
 
-def _prompts() -> list[str]:
-  prompts = list(_PROMPT.value)
+def _prompts() -> list:
+  """sample.Request per --prompt (with --seeds and --negative_prompt) and per --prompts_file line."""
+  import dataclasses
+  from mmdit_jax.sample import Request, parse_prompts_file
+  try:
+    seeds = [int(x) for x in _SEEDS.value]
+  except ValueError as e:
+    raise UserError(f"--seeds={','.join(_SEEDS.value)}: seeds are integers ({e})") from e
+  if seeds and len(seeds) != len(_PROMPT.value):
+    raise UserError(f"--seeds gives {len(seeds)} seeds for {len(_PROMPT.value)} --prompt flags: one each")
+  requests = [Request(p, seed=seeds[i] if seeds else None) for i, p in enumerate(_PROMPT.value)]
   if _PROMPTS_FILE.value:
     from etils import epath
     path = epath.Path(_PROMPTS_FILE.value)
     if not path.exists():
       raise UserError(f"--prompts_file={path} does not exist")
-    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-  return prompts
+    requests += parse_prompts_file(path.read_text(), str(path))
+  return [r if r.negative_prompt else dataclasses.replace(r, negative_prompt=_NEGATIVE_PROMPT.value)
+          for r in requests]
 
 
 def _labels() -> list[int]:

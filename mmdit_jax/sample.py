@@ -31,7 +31,7 @@ def _recorded_paths(cfg: TrainConfig):
   the dataset's metadata; None when neither names them."""
   from mmdit_jax.encoders import sd3
   if cfg.encoders.given:
-    return sd3.EncoderPaths.from_config(cfg.encoders), 77
+    return sd3.EncoderPaths.from_config(cfg.encoders), cfg.encoders.t5_tokens
   if not cfg.data.path or cfg.data.path.startswith("tfds:"):
     return None
   meta = data.load_metadata(cfg.data.path)
@@ -73,57 +73,140 @@ def _slug(text: str, limit: int = 150) -> str:
   return re.sub(r"_+", "_", "".join(ch if ch.isalnum() else "_" for ch in text)).strip("_")[:limit] or "empty"
 
 
-def _conditioning(cfg: TrainConfig, mesh, prompts, labels, embeddings):
-  """(cond, null_cond, latent shape, names, autoencoder) for the requested samples."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One sample to draw: a prompt, its negative prompt (the unconditional branch of guidance) and seed
+  (None: config.sample.seed with the sample's index)."""
+  prompt: str
+  negative_prompt: str = ""
+  seed: int | None = None
+
+
+def parse_prompts_file(text: str, where: str) -> list[Request]:
+  """One request per non-empty line: plain text is a prompt; a JSON object names `prompt` and optionally
+  `negative_prompt` and `seed`."""
+  requests = []
+  for n, line in enumerate(text.splitlines(), 1):
+    line = line.strip()
+    if not line:
+      continue
+    if not line.startswith("{"):
+      requests.append(Request(line))
+      continue
+    try:
+      row = json.loads(line)
+      unknown = sorted(set(row) - {"prompt", "negative_prompt", "seed"})
+      if unknown or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"needs a string 'prompt' and only 'negative_prompt', 'seed' besides (got {sorted(row)})")
+      seed = row.get("seed")
+      if seed is not None and not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+      requests.append(Request(row["prompt"], str(row.get("negative_prompt", "")), seed))
+    except ValueError as e:
+      raise UserError(f"{where}:{n}: {e}") from e
+  return requests
+
+
+def image_shape(cfg: TrainConfig, pixel_space: bool) -> tuple[int, int, int]:
+  """(h, w, C) of the samples' latents (or pixels): config.sample.height/width (the model's size when 0),
+  checked against what the backbone can place (MM-DiT: its position grid of pos_embed_max_size patches)."""
+  m, s = cfg.model, cfg.sample
+  channels = 3 if pixel_space else m.in_channels
+  factor = 1 if pixel_space else 8  # SD3's VAE
+  native = (demo.SIZE if pixel_space and inputs.is_demo(cfg) else getattr(m, "sample_size", None) or m.input_size)
+  h = s.height // factor if s.height else native
+  w = s.width // factor if s.width else native
+  patch = m.patch_size
+  if h % patch or w % patch:
+    raise UserError(f"sample size {h * factor}×{w * factor} px: the {'pixel' if pixel_space else 'latent'} "
+                    f"size {h}×{w} must be a multiple of the patch size {patch}")
+  limit = getattr(m, "pos_embed_max_size", None)
+  if limit and max(h, w) > limit * patch:
+    raise UserError(f"sample size {s.height or h * factor}×{s.width or w * factor} px is beyond the position "
+                    f"grid ({limit} patches of {patch} = {limit * patch * factor} px a side; "
+                    f"config.model.pos_embed_max_size)")
+  return h, w, channels
+
+
+def _noise(cfg: TrainConfig, requests, shape) -> np.ndarray:
+  """Initial noise: config.sample.noise (.npy, one row per sample), else sample i's own seed (index 0 of
+  it) or, without one, fold_in(key(sample.seed), i)."""
+  n = len(requests)
+  if cfg.sample.noise:
+    path = epath.Path(cfg.sample.noise)
+    if not path.exists():
+      raise UserError(f"config.sample.noise={path} does not exist")
+    with path.open("rb") as f:
+      noise = np.load(f)
+    if noise.shape != (n, *shape):
+      raise UserError(f"config.sample.noise={path} has shape {noise.shape}; {n} samples of {shape} need "
+                      f"{(n, *shape)}")
+    return noise.astype(np.float32)
+  rows = [evaluate.sample_noise(r.seed, [0], shape)[0] if r.seed is not None else None for r in requests]
+  default = evaluate.sample_noise(cfg.sample.seed, np.arange(n), shape) if None in [
+      r.seed for r in requests] else None
+  return np.stack([row if row is not None else default[i] for i, row in enumerate(rows)])
+
+
+def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
+  """(cond, null_cond, null per sample?, latent shape, names, autoencoder) for the requested samples."""
   autoencoder = None
   if embeddings:
     with epath.Path(embeddings).open("rb") as f, np.load(f) as e:
       cond = {"context": e["context"], "pooled": e["pooled"]}
       null = {"context": e["null_context"], "pooled": e["null_pooled"]}
       shape = tuple(int(x) for x in e["latent_shape"])
-    return cond, cfg.model.null_cond(null), shape, [f"embedding {i}" for i in range(len(cond["context"]))], None
+    return (cond, cfg.model.null_cond(null), False, shape, [f"embedding {i}" for i in range(len(cond["context"]))],
+            None)
   if "label" in cfg.model.cond_features:
     if not labels:
       raise UserError("a class-conditional model samples from --labels=0,1,… (not --prompt)")
     bad = [l for l in labels if not 0 <= l < cfg.model.num_classes]
     if bad:
       raise UserError(f"--labels {bad} outside 0..{cfg.model.num_classes - 1}")
-    size = cfg.model.input_size
-    shape = (demo.SIZE, demo.SIZE, 3) if inputs.is_demo(cfg) else (size, size, cfg.model.in_channels)
+    shape = image_shape(cfg, inputs.pixel_space(cfg))
     names = [f"class {l}" + (f" ({' '.join(demo.class_attributes(l))})" if inputs.is_demo(cfg) else "")
              for l in labels]
     if not inputs.pixel_space(cfg):
       autoencoder = autoencoder_for(cfg, mesh)
-    return {"label": np.asarray(labels, np.int32)}, cfg.model.null_cond(), shape, names, autoencoder
+    return {"label": np.asarray(labels, np.int32)}, cfg.model.null_cond(), False, shape, names, autoencoder
   if labels:
     raise UserError(f"{type(cfg.model).__name__} is text-conditioned: pass --prompt, not --labels")
-  if not prompts:
+  if not requests:
     raise UserError("--mode=sample needs --prompt, --prompts_file, --labels or --embeddings")
+  prompts = [r.prompt for r in requests]
+  negatives = [r.negative_prompt for r in requests]
+  per_sample = any(negatives)  # else one shared unconditional branch: the empty prompt
   if inputs.is_demo(cfg):
     encoder = demo.DemoTextEncoder()
-    enc = [encoder(p) for p in prompts]
-    cond = {"context": np.stack([c for c, _ in enc]), "pooled": np.stack([p for _, p in enc])}
-    null = dict(zip(("context", "pooled"), encoder("")))
-    shape = (demo.SIZE, demo.SIZE, 3)
+
+    def encode(texts):
+      enc = [encoder(t) for t in texts]
+      return {"context": np.stack([c for c, _ in enc]), "pooled": np.stack([p for _, p in enc])}
   else:
     text, autoencoder = sd3_encoders(cfg, mesh)
-    cond = dict(zip(("context", "pooled"), text(prompts)))
-    null = {k: v[0] for k, v in zip(("context", "pooled"), text([""]))}
-    shape = (cfg.model.sample_size, cfg.model.sample_size, cfg.model.in_channels)
-  return cond, cfg.model.null_cond(null), shape, list(prompts), autoencoder
+    encode = lambda texts: dict(zip(("context", "pooled"), text(texts)))
+  shape = image_shape(cfg, inputs.pixel_space(cfg))
+  cond = encode(prompts)
+  null = encode(negatives) if per_sample else {k: v[0] for k, v in encode([""]).items()}
+  return cond, cfg.model.null_cond(null), per_sample, shape, prompts, autoencoder
 
 
 def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = None, labels=()) -> list:
-  """Writes one PNG per prompt or label (and grid.png) under workdir/generated; returns their paths."""
+  """Writes one PNG per prompt (str or Request) or label, and grid.png, under workdir/generated; returns
+  their paths. generated.jsonl names each file's conditioning, negative prompt and seed."""
   workdir = epath.Path(workdir)
+  requests = [p if isinstance(p, Request) else Request(p) for p in prompts]
   mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-    cond, null, shape, names, autoencoder = _conditioning(cfg, mesh, list(prompts), list(labels), embeddings)
+    cond, null, per_sample, shape, names, autoencoder = _conditioning(
+        cfg, mesh, requests, list(labels), embeddings)
     state, step = restore_for_eval(cfg, workdir, mesh)
-    noise = evaluate.sample_noise(cfg.sample.seed, np.arange(len(names)), shape)
+    requests = requests or [Request(name) for name in names]
+    noise = _noise(cfg, requests, shape)
     generate = jax.jit(evaluate.make_generate(cfg))
     null = {k: np.asarray(v) for k, v in null.items()}
-    latents = evaluate.generate_batched(generate, state["ema"], cond, null, noise, len(names), mesh)
+    latents = evaluate.generate_batched(generate, state["ema"], cond, null, noise, len(names), mesh, per_sample)
   out_dir = workdir / "generated"
   out_dir.mkdir(parents=True, exist_ok=True)
   if autoencoder is not None:
@@ -140,7 +223,10 @@ def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = N
     path = out_dir / f"{i:03d}_{_slug(name)}.png"
     evaluate.save_png(np.repeat(np.repeat(img, scale, 0), scale, 1), path)
     paths.append(path)
-    records.append({"file": path.name, "conditioning": name, "seed": cfg.sample.seed, "index": i, "step": step})
+    r = requests[i]
+    records.append({"file": path.name, "conditioning": name, "negative_prompt": r.negative_prompt,
+                    "seed": cfg.sample.seed if r.seed is None else r.seed, "index": 0 if r.seed is not None else i,
+                    "noise": cfg.sample.noise or None, "step": step})
   evaluate.save_png(evaluate.grid_image(images, scale=scale), out_dir / "grid.png")
   (out_dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   log(f"wrote {len(paths)} samples of the step-{step} EMA weights and grid.png to {out_dir}")

@@ -87,6 +87,7 @@ def test_failed_distributed_start_exits_with_the_cause(tmp_path):
     (["--config.model.qk_normm=True"], "unknown config field 'qk_normm'"),
     (["--config.model.depth=two"], "flag --config.model.depth=two"),
     (["--config.data.path=/nonexistent/latents"], "dataset directory /nonexistent/latents does not exist"),
+    (["--mode=sample", "--prompt=a red circle", "--seeds=1,2"], "--seeds gives 2 seeds for 1 --prompt flags"),
 ])
 def test_bad_input_is_one_paragraph_without_traceback(tmp_path, flags, match):
   proc = subprocess.run(helpers.main_cmd(tmp_path, *flags), cwd=helpers.ROOT, env=helpers.env(devices=1),

@@ -26,6 +26,21 @@ def timestep_grid(num_steps: int, shift: float = 1.0, t_max: float = 1.0, t_min:
   return shift_timesteps(jnp.linspace(t_max, t_min, num_steps + 1), shift)
 
 
+def reference_grid(num_steps: int, shift: float = 1.0, train_timesteps: int = 1000):
+  """SD3's sampling grid: σ_i = shift(linspace(1, σ_min, N))_i followed by 0, where σ_min = shift(1/T) is
+  the smallest (shifted) training sigma of a model trained on T discrete timesteps — N + 1 times, the
+  last network evaluation at t = shift(σ_min) rather than at 1/N.
+
+  As SD3's reference code (sd3_impls.ModelSamplingDiscreteFlow with sd3_infer's get_sigmas:
+  sigma(linspace(timestep(σ_max), timestep(σ_min), N)) + [0]) and diffusers'
+  FlowMatchEulerDiscreteScheduler.set_timesteps (linspace(σ_max·T, σ_min·T, N) / T, then the shift, then 0)
+  compute it; the shift is applied to σ_min twice there too. For N = 4, shift 3: [1, 0.858, 0.602, 0.0089, 0].
+  """
+  sigma_min = shift_timesteps(1.0 / train_timesteps, shift)
+  ts = shift_timesteps(jnp.linspace(1.0, sigma_min, num_steps), shift)
+  return jnp.concatenate([ts, jnp.zeros((1,), ts.dtype)])
+
+
 def t_of_log_snr(process: Process, lam, iterations: int = 60):
   """t with λ(t) = lam, by bisection (λ decreases in t for every process)."""
   lam = jnp.asarray(lam, jnp.float32)
@@ -88,12 +103,13 @@ def make_denoiser(process: Process, prediction: str, net: Callable, *, guidance_
   net(z, t, guided) returns (cond_out, uncond_out) when `guided` is True (the caller runs both halves
   in one batch) and cond_out alone otherwise. Guidance applies for t in guidance_interval. skip_net(z, t)
   is the conditional output with layers skipped (SD3.5's skip-layer guidance), used while
-  i / num_steps lies in skip_interval: out += skip_scale · (cond − skipped).
+  i / num_steps lies in skip_interval: out += skip_scale · (cond − skipped). As diffusers' pipelines,
+  guidance runs only for a scale above 1 (w ≤ 1: the conditional output alone, one network call).
   """
   if threshold not in THRESHOLDS:
     raise ValueError(f"unknown threshold {threshold!r}; valid: {sorted(THRESHOLDS)}")
   thresh = THRESHOLDS[threshold]
-  guided = guidance_scale != 1.0
+  guided = guidance_scale > 1.0
 
   def denoise(z, t, i):
     tb = jnp.full((z.shape[0],), t)

@@ -133,3 +133,45 @@ def test_unknown_names():
     samplers.sample("rk4", flow.get_process("rf"), None, jnp.zeros((1, 1)), samplers.timestep_grid(2))
   with pytest.raises(ValueError, match="valid: .*dynamic.*none.*static"):
     samplers.make_denoiser(flow.get_process("rf"), "x", None, threshold="soft")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_reference_grid_is_diffusers_flow_match_schedule(steps, shift):
+  """SD3's grid as diffusers' FlowMatchEulerDiscreteScheduler computes it (sigmas incl. the final 0), and
+  the Euler update on it is the scheduler's step: the same latents to float32 rounding."""
+  diffusers = pytest.importorskip("diffusers")
+  torch = pytest.importorskip("torch")
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+  scheduler.set_timesteps(steps)
+  ts = samplers.reference_grid(steps, shift)
+  np.testing.assert_allclose(np.asarray(ts), scheduler.sigmas.numpy(), atol=2e-7)
+  if steps == 4 and shift == 3.0:  # the values the SD3 inference issue quotes
+    np.testing.assert_allclose(np.asarray(ts), [1, 0.858, 0.602, 0.0089, 0], atol=5e-4)
+  rf = flow.get_process("rf")
+  velocity = lambda z, t: jnp.sin(3 * z) * (1 + t)  # any smooth field, fed to both as the model output
+  z = jax.random.normal(jax.random.key(0), (2, 5))
+  denoise = samplers.make_denoiser(rf, "velocity", lambda z, t, guided: velocity(z, t[:, None]))
+  ours = samplers.sample("euler", rf, denoise, z, ts)
+  zt = torch.from_numpy(np.asarray(z))
+  for t in scheduler.timesteps:
+    v = torch.from_numpy(np.asarray(velocity(jnp.asarray(zt.numpy()), float(t) / 1000)))
+    zt = scheduler.step(v, t, zt).prev_sample
+  np.testing.assert_allclose(np.asarray(ours), zt.numpy(), atol=1e-5)
+
+
+def test_guidance_runs_only_above_one():
+  """As diffusers' pipelines: w ≤ 1 is the conditional output alone, one network call without the
+  unconditional half."""
+  calls = []
+
+  def net(z, t, guided):
+    calls.append(guided)
+    return (z, -z) if guided else z
+
+  rf = flow.get_process("rf")
+  for w in (0.5, 1.0):
+    x, _ = samplers.make_denoiser(rf, "x", net, guidance_scale=w)(jnp.ones((1, 2)), 0.5, 0)
+    np.testing.assert_allclose(x, 1.0)
+  samplers.make_denoiser(rf, "x", net, guidance_scale=1.5)(jnp.ones((1, 2)), 0.5, 0)
+  assert calls == [False, False, True]
