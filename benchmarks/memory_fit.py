@@ -6,10 +6,10 @@ this CPU machine (libtpu needed, no TPU; see `--mode=compile`).
       [--slices=v5p-64,v5e-16,v5e-64,v6e-16] [--markdown=docs/memory_fit.md]
 
 Per cell: compile at a per-chip batch of 1 with the preset's remat policy ('dots' for 2B; 'full' for 8B, and
-for any cell where 'dots' does not fit); the HBM left after the arguments (state), divided by that compile's
-temporaries, gives a batch that is compiled next (halved until it fits); the two compiles give temporaries
-= c + k·batch, whose largest fitting batch is compiled last. The table reports the largest batch that
-compiled within 95 % of HBM.
+for any cell where 'dots' does not fit); HBM per chip ≈ c + k·batch, and that first compile bounds k, which
+gives a batch compiled next (halved until it fits); secant steps through the two latest compiles then find
+where the line meets 95 % of HBM, each compiled to confirm (at most three). The table reports the largest
+per-chip batch that compiled within 95 % of HBM.
 The mesh: FSDP over min(chips, 16) and data parallelism over the rest (what `configs/rf_lognorm.py` pod
 examples use). Each compile runs in its own process (the 8B step holds several GiB while compiling). Cells
 are appended to --out as they finish; a re-run skips the cells already there.
@@ -87,34 +87,41 @@ def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
               "why": probe["error"], "tried": tried}
     if not _fits(probe, probe["hbm_gib"]):
       continue
-    budget = HEADROOM * probe["hbm_gib"] - probe["argument_gib"]
+    limit = HEADROOM * probe["hbm_gib"]
     best = probe
-    batch = max(1, int(budget // max(probe["temp_gib"], 1e-3)))  # temporaries ∝ batch: an underestimate
+    # HBM per chip ≈ c + k·batch (state, then activations and the batch itself). From the probe alone,
+    # k ≤ (total − state) at batch 1 gives a batch that fits (halved until it does); then secant steps
+    # through the two nearest compiles find where the line meets the limit, each one compiled to confirm.
+    batch = max(1, int((limit - probe["state_gib"]) // max(probe["total_gib"] - probe["state_gib"], 1e-3)))
     while batch > 1:
       r = _try(batch)
       if r is not None:
         best = r
         break
       batch //= 2
-    # Temporaries ≈ c + k·batch: the batch where that line meets the budget, from the two compiles known
-    # nearest to it, compiled to confirm (twice at most: secant steps from both sides).
-    points = [(1, probe["temp_gib"])] + ([(best["per_chip_batch"], best["temp_gib"])] if best is not probe else [])
-    for _ in range(2):
-      if len(points) < 2:
+    history = [(1, probe["total_gib"])] + ([(best["per_chip_batch"], best["total_gib"])] if best is not probe else [])
+    failed = None  # the smallest batch known not to fit
+    for _ in range(3):
+      if len(history) < 2:
         break
-      (b0, t0), (b1, t1) = points[-2], points[-1]
-      k = (t1 - t0) / (b1 - b0)
-      guess = int(b1 + (budget - t1) // k) if k > 0 else 0
+      (b0, m0), (b1, m1) = history[-2:]
+      k = (m1 - m0) / (b1 - b0)
+      guess = int(b1 + (limit - m1) // k) if k > 0 else 0
+      if failed is not None:
+        guess = min(guess, failed - 1)
       if guess <= best["per_chip_batch"] or guess in (b0, b1):
         break
       r = _compile(model, res, topology, remat, guess, timeout_s)
       tried.append({k_: r.get(k_) for k_ in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
-      if r.get("fits") is None or "temp_gib" not in r:
+      if r.get("fits") is None or "total_gib" not in r:
         break
       if _fits(r, r["hbm_gib"]):
         best = r
+      else:
+        failed = guess
+      history.append((guess, r["total_gib"]))
+      if failed is not None and failed == best["per_chip_batch"] + 1:
         break
-      points = [(best["per_chip_batch"], best["temp_gib"]), (guess, r["temp_gib"])]
     return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": True,
             "remat": remat, "mesh": best["mesh"], "max_per_chip_batch": int(best["per_chip_batch"]),
             "total_gib": best["total_gib"], "state_gib": best["state_gib"], "temp_gib": best["temp_gib"],

@@ -181,6 +181,7 @@ class TrainConfig:
   eval: EvalConfig
   encoders: EncodersConfig
   debug: DebugConfig
+  init: str = ""  # "diffusers:DIR": start from official SD3 weights (mmdit_jax.pretrained); "" random init
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -246,7 +247,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug")
+             "encoders", "debug", "init")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -278,7 +279,7 @@ def from_config_dict(c) -> TrainConfig:
       eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), sample_every=int(c.sample_every),
       force_eval=bool(c.force_eval), sample=build(SampleConfig, c.sample, "sample"),
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
-      debug=build(DebugConfig, c.debug, "debug"), source=json.dumps(_plain(c), sort_keys=True, default=str))
+      debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 
 def check_mesh_and_batch(cfg: TrainConfig, devices):

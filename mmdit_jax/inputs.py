@@ -11,7 +11,8 @@ from mmdit_jax.metrics import log
 
 
 def is_demo(cfg: TrainConfig) -> bool:
-  return not cfg.data.path
+  """No dataset named and no official weights to start from: the embedded demo."""
+  return not cfg.data.path and not cfg.init
 
 
 def demo_kind(cfg: TrainConfig) -> str:
@@ -24,7 +25,7 @@ def pixel_space(cfg: TrainConfig) -> bool:
   samples need no VAE to be viewed and scored."""
   if is_demo(cfg):
     return True
-  if cfg.data.path.startswith("tfds:"):
+  if not cfg.data.path or cfg.data.path.startswith("tfds:"):  # (no data: official weights, latent space)
     return False
   return bool(data.load_metadata(cfg.data.path).extras.get("pixels", False))
 
@@ -38,6 +39,9 @@ def dataset_paths(cfg: TrainConfig, *, announce: bool = True) -> tuple[str, str]
       if not p.startswith("tfds:"):
         data.load_metadata(p)
     return cfg.data.path, val
+  if cfg.init:
+    raise ConfigError(f"config.init={cfg.init!r} fine-tunes official weights on a dataset: set config.data.path "
+                      "to precomputed latents with the same encoders (python -m mmdit_jax.precompute)")
   kind = demo_kind(cfg)
   if announce:
     log(f"config.data.path is empty: using the embedded demo dataset ({kind}; written on first use)")

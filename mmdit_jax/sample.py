@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import data, evaluate, inputs, parallel
+from mmdit_jax import data, evaluate, inputs, parallel, pretrained
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.errors import UserError
@@ -197,11 +197,12 @@ def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = N
   their paths. generated.jsonl names each file's conditioning, negative prompt and seed."""
   workdir = epath.Path(workdir)
   requests = [p if isinstance(p, Request) else Request(p) for p in prompts]
+  cfg, imported = pretrained.resolve(cfg)  # config.init: official weights, their encoders and shift
   mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     cond, null, per_sample, shape, names, autoencoder = _conditioning(
         cfg, mesh, requests, list(labels), embeddings)
-    state, step = restore_for_eval(cfg, workdir, mesh)
+    state, step = restore_for_eval(cfg, workdir, mesh, imported)
     requests = requests or [Request(name) for name in names]
     noise = _noise(cfg, requests, shape)
     generate = jax.jit(evaluate.make_generate(cfg))

@@ -39,10 +39,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int):
 
 
 def init_state(model_cfg, tx, key):
-  params = model.init_unjitted(model_cfg, key)
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "ema": jax.tree.map(jnp.copy, params), "nonfinite": jnp.zeros((), jnp.int32),
-          "skipped": jnp.zeros((), jnp.int32)}
+  return state_from_params(model.init_unjitted(model_cfg, key), tx)
 
 
 def abstract_state(model_cfg, tx):
@@ -77,28 +74,46 @@ def restore_latest(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, *, set_aside_
     return ckpt.restore_latest(abstract, shardings, set_aside_damaged=set_aside_damaged)
 
 
-def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer):
+def state_from_params(params, tx):
+  """A step-0 train state around given parameters (imported weights): fresh optimizer, EMA = params."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "ema": jax.tree.map(jnp.copy, params), "nonfinite": jnp.zeros((), jnp.int32),
+          "skipped": jnp.zeros((), jnp.int32)}
+
+
+def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, init_params=None):
   """(state, start step, data iterator state or None): the newest intact checkpoint (damaged newer ones are
-  moved aside with a warning), else a fresh state initialised directly into its shardings."""
+  moved aside with a warning), else a fresh state initialised directly into its shardings — around
+  `init_params` (imported weights, config.init) when given."""
   found = restore_latest(cfg, tx, mesh, ckpt, set_aside_damaged=True)
   if found is not None:
     step, state, data_state = found
     return state, step, data_state
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     _, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-    state = jax.jit(lambda k: init_state(cfg.model, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed + 1))
+    if init_params is not None:
+      state = jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(init_params)
+    else:
+      state = jax.jit(lambda k: init_state(cfg.model, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed + 1))
   return state, 0, None
 
 
-def restore_for_eval(cfg: TrainConfig, workdir, mesh):
-  """(state, step) of the newest intact checkpoint under workdir/checkpoints, on `mesh` (any shape)."""
+def restore_for_eval(cfg: TrainConfig, workdir, mesh, init_params=None):
+  """(state, step) of the newest intact checkpoint under workdir/checkpoints, on `mesh` (any shape); without
+  one, `init_params` (imported weights, config.init) as step 0."""
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
   ckpt = Checkpointer(workdir / "checkpoints")
   try:
     found = restore_latest(cfg, tx, mesh, ckpt)
   finally:
     ckpt.close()
+  if found is None and init_params is not None:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+      shardings = model.param_shardings(cfg.model, mesh, cfg.sharding_rules)
+      params = jax.device_put(init_params, shardings)
+    return {"params": params, "ema": params}, 0
   if found is None:
-    raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}; train first (same --workdir)")
+    raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}; train first (same --workdir), or "
+                          "sample official weights with --config.init=diffusers:DIR")
   step, state, _ = found
   return state, step

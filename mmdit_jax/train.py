@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import evaluate, inputs, model, parallel, paths
+from mmdit_jax import evaluate, inputs, model, parallel, paths, pretrained
 from mmdit_jax.checkpoint import Checkpointer
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.errors import ConfigError, UserError
@@ -97,6 +97,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
     if cfg.debug.log_data_order and paths.is_remote(workdir):
       raise ConfigError(f"debug.log_data_order appends to workdir/data_order.jsonl, which object stores cannot "
                         f"do: use a local workdir for it, not {workdir}")
+    cfg, imported = pretrained.resolve(cfg)  # config.init: the model as the official weights define it
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(cfg.source)
@@ -116,7 +117,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
     tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     stack.callback(ckpt.close)
-    state, start, data_state = restore_or_init(cfg, tx, mesh, ckpt)
+    state, start, data_state = restore_or_init(cfg, tx, mesh, ckpt, init_params=imported)
     if start:
       log(f"restored checkpoint at step {start} from {workdir / 'checkpoints'}")
     done = _finished_results(workdir, cfg.total_steps) if start >= cfg.total_steps else None

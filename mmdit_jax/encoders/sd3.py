@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,19 @@ def _vae_decode(cfg, params, latents):
   return vae.decode_latents(cfg, params, latents)
 
 
+def _check_identity_projection(params, path):
+  """SD3's reference pools CLIP-L without its text_projection, diffusers' pipeline through it: the same for
+  SD3's weights, whose CLIP-L projection is the identity. Any other projection is named, not ignored quietly."""
+  proj = params.get("text_projection") if isinstance(params, dict) else None
+  kernel = None if proj is None else np.asarray(jax.device_get(proj["kernel"]), np.float32)
+  if kernel is not None and (kernel.shape[0] != kernel.shape[1] or not np.allclose(kernel, np.eye(len(kernel)),
+                                                                                     atol=1e-6)):
+    if jax.process_index() == 0:  # (the encoders sit below mmdit_jax.metrics: the same line format)
+      print(f"warning: {path}: CLIP-L's text_projection is not the identity; the pooled vector is taken unprojected, as "
+            "SD3's reference code does (diffusers' pipeline would project it, and its images would differ)",
+            file=sys.stderr, flush=True)
+
+
 class SD3TextEncoder:
   """Prompts → SD3 (context (B, 77 + t5_tokens, D), pooled (B, P)) with CLIP-L, bigG and T5 on a mesh."""
 
@@ -113,6 +127,7 @@ class SD3TextEncoder:
     self.mesh = mesh
     self.cfg_l, params_l = convert.load_clip(paths.clip_l, shard, pooled="unprojected", dtype=dtype)
     self.cfg_g, params_g = convert.load_clip(paths.clip_g, shard, pooled="projected", dtype=dtype)
+    _check_identity_projection(params_l, paths.clip_l)
     self.tok_l = Tokenizer(paths.clip_l_tokenizer, CLIP_TOKENS)
     self.tok_g = Tokenizer(paths.clip_g_tokenizer, CLIP_TOKENS)
     self.params = {"clip_l": params_l, "clip_g": params_g}

@@ -1,0 +1,110 @@
+"""Official weights without training, image for image: a tiny random SD3 pipeline saved in diffusers'
+layout is sampled by `--mode=sample --config.init=diffusers:DIR` and by diffusers' StableDiffusion3Pipeline
+with the same noise, prompts, negative prompts, steps, guidance and T5 length; the images agree to PNG
+rounding (½/255) plus 1e-3."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from mmdit_jax import errors, evaluate, pretrained, sample  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests import torch_reference as tiny  # noqa: E402
+
+PROMPTS = [("a red circle at the top left", "a blue square"), ("a green triangle", "")]
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+  """A diffusers SD3 pipeline directory: tiny random encoders (T5 wider than CLIP-L ‖ bigG, as in SD3, and
+  CLIP-L's text_projection the identity, as in SD3's weights), an 8× VAE, a transformer, a shift-3 scheduler."""
+  root = tmp_path_factory.mktemp("sd3_pipeline")
+  tiny.write_sd3_encoders(root, widths={"t5": 96}, vae_blocks=(8, 8, 16, 16))
+  clip_l = transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder")
+  with torch.no_grad():
+    clip_l.text_projection.weight.copy_(torch.eye(clip_l.text_projection.weight.shape[0]))
+  clip_l.save_pretrained(root / "text_encoder")
+  torch.manual_seed(1)
+  diffusers.SD3Transformer2DModel(
+      sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=80,
+      pos_embed_max_size=8).save_pretrained(root / "transformer")
+  diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "scheduler")
+  return root
+
+
+def _pipeline(root):
+  auto = transformers.AutoTokenizer.from_pretrained
+  return diffusers.StableDiffusion3Pipeline(
+      transformer=diffusers.SD3Transformer2DModel.from_pretrained(root / "transformer"),
+      scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+      vae=diffusers.AutoencoderKL.from_pretrained(root / "vae"),
+      text_encoder=transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder"),
+      tokenizer=auto(root / "tokenizer"),
+      text_encoder_2=transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+      tokenizer_2=auto(root / "tokenizer_2"),
+      text_encoder_3=transformers.T5EncoderModel.from_pretrained(root / "text_encoder_3"),
+      tokenizer_3=auto(root / "tokenizer_3"))
+
+
+@pytest.mark.parametrize("steps,guidance,height,width", [(4, 7.0, 64, 64), (4, 1.0, 32, 64)])
+def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width):
+  requests = [sample.Request(p, n, seed=10 + i) for i, (p, n) in enumerate(PROMPTS)]
+  cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "sample.steps": steps, "sample.guidance": guidance,
+                          "sample.height": height, "sample.width": width, "encoders.t5_tokens": 77,
+                          "mesh.ici.data": 2, "mesh.ici.fsdp": 4})
+  paths = sample.run_sample(cfg, tmp_path / "run", requests)
+  ours = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
+  records = [json.loads(l) for l in (tmp_path / "run" / "generated" / "generated.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [0, 0] and [r["seed"] for r in records] == [10, 11]
+
+  shape = (height // 8, width // 8, 16)
+  noise = np.stack([evaluate.sample_noise(r.seed, [0], shape)[0] for r in requests])
+  with torch.no_grad():
+    theirs = _pipeline(sd3_dir)(
+        prompt=[p for p, _ in PROMPTS], negative_prompt=[n for _, n in PROMPTS], num_inference_steps=steps,
+        guidance_scale=guidance, height=height, width=width, max_sequence_length=77, output_type="np",
+        latents=torch.from_numpy(noise).permute(0, 3, 1, 2)).images
+  assert ours.shape == theirs.shape == (2, height, width, 3)
+  assert theirs.std() > 0.01  # (a non-trivial image)
+  print(f"max |ours − diffusers| = {np.abs(ours - theirs).max():.5f}")
+  assert np.abs(ours - theirs).max() <= 0.5 / 255 + 1e-3, np.abs(ours - theirs).max()
+
+
+def test_init_errors(tmp_path):
+  with pytest.raises(errors.ConfigError, match="expected 'diffusers:/path/to/sd3-diffusers'"):
+    pretrained.parse("hub:stabilityai/sd3")
+  with pytest.raises(errors.ConfigError, match="does not exist"):
+    pretrained.parse(f"diffusers:{tmp_path / 'missing'}")
+
+
+def test_training_starts_from_the_imported_weights(sd3_dir, tmp_path):
+  """The same `init` fine-tunes: step 0 is the imported transformer (the EMA after one step stays next to
+  it), not a random initialisation; the model config comes from the weights, the shift from the scheduler."""
+  import jax
+  from mmdit_jax import data, model, train
+  rng = np.random.default_rng(0)
+  n = 16
+  data.write_arrays(tmp_path / "latents", {
+      "latent": rng.standard_normal((n, 8, 8, 16)).astype(np.float16),
+      "context": rng.standard_normal((n, 154, 96)).astype(np.float16),
+      "pooled": rng.standard_normal((n, 80)).astype(np.float16)})
+  cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "data.path": str(tmp_path / "latents"),
+                          "total_steps": 1, "checkpoint_every": 1, "eval_every": 0, "debug.log_data_order": False})
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  resolved, imported = pretrained.resolve(cfg)
+  assert resolved.model.depth == 2 and resolved.model.context_dim == 96 and resolved.formulation.shift == 3.0
+  step, state, _ = helpers.final_state(tmp_path / "run", resolved)
+  assert step == 1
+  ema, imp = jax.tree.leaves(state["ema"]), jax.tree.leaves(imported)
+  assert len(ema) == len(imp) == len(jax.tree.leaves(model.abstract_params(resolved.model)))
+  for a, b in zip(ema, imp):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
+  with pytest.raises(errors.ConfigError, match="fine-tunes official weights on a dataset: set config.data.path"):
+    train.train_and_evaluate(helpers.config(**{"init": f"diffusers:{sd3_dir}"}), tmp_path / "run2")
