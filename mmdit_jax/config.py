@@ -91,6 +91,9 @@ class SampleConfig:
   schedule: str = "auto"  # auto | reference | uniform | log_snr (see SAMPLE_SCHEDULES)
   train_timesteps: int = 1000  # the reference grid's σ_min = shift(1 / train_timesteps) (SD3: 1000)
   timesteps: tuple[float, ...] = ()  # an explicit grid of steps + 1 decreasing times ending at 0 (overrides)
+  skip_layers: tuple[int, ...] = ()  # SD3.5's skip-layer guidance: MM-DiT layers skipped (SD3.5 Medium: 7, 8, 9)
+  skip_scale: float = 2.8  # out += skip_scale · (cond − cond with skip_layers skipped), under guidance only
+  skip_interval: tuple[float, float] = (0.01, 0.2)  # active for steps i with start·N < i < stop·N
   noise: str = ""  # .npy of initial noise (N, h, w, C) for --mode=sample (else drawn from seed)
   height: int = 0  # --mode=sample image size in pixels (0: the model's sample size); multiples of 16
   width: int = 0
@@ -99,6 +102,8 @@ class SampleConfig:
     samplers = flow.samplers
     _check("sample.schedule", self.schedule in SAMPLE_SCHEDULES, f"{self.schedule!r}; valid: {list(SAMPLE_SCHEDULES)}")
     _check("sample.train_timesteps", self.train_timesteps >= 1, f"must be >= 1, got {self.train_timesteps}")
+    _check("sample.skip_interval", len(self.skip_interval) == 2, f"is (start, stop), got {self.skip_interval}")
+    object.__setattr__(self, "skip_layers", tuple(int(i) for i in self.skip_layers))
     ts = tuple(float(t) for t in self.timesteps)
     object.__setattr__(self, "timesteps", ts)
     _check("sample.timesteps", not ts or (len(ts) == self.steps + 1 and ts[0] <= 1.0 and ts[-1] == 0.0 and all(
@@ -270,14 +275,20 @@ def from_config_dict(c) -> TrainConfig:
   unknown = sorted(set(c.mesh.keys()) - {"ici", "dcn"})
   if unknown:
     raise ConfigError(f"config.mesh has unknown fields {unknown}; valid: ['ici', 'dcn']")
+  model_cfg, sample_cfg = model_config(c.model), build(SampleConfig, c.sample, "sample")
+  if sample_cfg.skip_layers and not c.get("init"):  # (with init, the weights define the model: checked then)
+    _check("sample.skip_layers", isinstance(model_cfg, model.MMDiTConfig),
+           f"skip-layer guidance is for MM-DiT; config.model is {type(model_cfg).__name__}")
+    bad = [i for i in sample_cfg.skip_layers if not 0 <= i < model_cfg.depth]
+    _check("sample.skip_layers", not bad, f"{bad} outside the model's layers 0..{model_cfg.depth - 1}")
   return TrainConfig(
-      seed=int(c.seed), total_steps=int(c.total_steps), formulation=formulation, model=model_config(c.model),
+      seed=int(c.seed), total_steps=int(c.total_steps), formulation=formulation, model=model_cfg,
       data=build(DataConfig, c.data, "data"), optim=build(OptimConfig, c.optim, "optim"),
       ema_decay=float(c.ema_decay), max_nonfinite_steps=int(c.max_nonfinite_steps), mesh=mesh,
       sharding_rules=sharding_rules(c.sharding_rules), log_every=int(c.log_every),
       checkpoint_every=int(c.checkpoint_every), keep_checkpoints=int(c.keep_checkpoints),
       eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), sample_every=int(c.sample_every),
-      force_eval=bool(c.force_eval), sample=build(SampleConfig, c.sample, "sample"),
+      force_eval=bool(c.force_eval), sample=sample_cfg,
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
       debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), source=json.dumps(_plain(c), sort_keys=True, default=str))
 

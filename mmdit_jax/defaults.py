@@ -148,6 +148,9 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sample.schedule = "auto"  # time grid: auto | reference (SD3/diffusers) | uniform | log_snr (EDM)
   c.sample.train_timesteps = 1000  # the reference grid's σ_min = shift(1/train_timesteps), as SD3
   c.sample.timesteps = ()  # explicit grid: steps + 1 decreasing times ending at 0 (overrides schedule)
+  c.sample.skip_layers = ()  # SD3.5 skip-layer guidance: layers to skip, e.g. (7, 8, 9) for SD3.5 Medium
+  c.sample.skip_scale = 2.8  # its scale (diffusers' and SD3.5's default)
+  c.sample.skip_interval = (0.01, 0.2)  # active for steps i with start·N < i < stop·N
   c.sample.noise = ""  # --mode=sample: .npy of initial noise (N, h, w, C); else drawn from the seeds
   c.sample.height = 0  # --mode=sample: image size in pixels, multiples of 16 (0: the model's sample size)
   c.sample.width = 0

@@ -106,9 +106,15 @@ def make_generate(cfg: TrainConfig):
       out = model.forward(cfg.model, params, jnp.concatenate([zin, zin]), jnp.concatenate([t, t]), both)
       return out[:b], out[b:]
 
+    skip_net = None
+    if scfg.skip_layers:  # SD3.5's skip-layer guidance: the conditional branch with those layers skipped
+      skip_net = lambda z, t: model.forward(cfg.model, params, f.model_input(z, t), t, cond,
+                                            skip_layers=scfg.skip_layers)
     denoise = samplers.make_denoiser(f.path, f.prediction, net, guidance_scale=scfg.guidance,
                                      guidance_interval=scfg.guidance_interval, threshold=scfg.threshold,
-                                     percentile=scfg.percentile, num_steps=ts.shape[0] - 1)
+                                     percentile=scfg.percentile, num_steps=ts.shape[0] - 1,
+                                     skip_net=skip_net if scfg.guidance > 1 else None,
+                                     skip_scale=scfg.skip_scale, skip_interval=scfg.skip_interval)
     return samplers.sample(scfg.sampler, f.path, denoise, noise, ts)
 
   return generate

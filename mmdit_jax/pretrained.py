@@ -55,4 +55,7 @@ def resolve(cfg: TrainConfig):
     changes["formulation"] = dataclasses.replace(cfg.formulation, shift=shift)
   if not cfg.encoders.given and (root / "text_encoder").is_dir():
     changes["encoders"] = dataclasses.replace(cfg.encoders, root=str(root))
+  bad = [i for i in cfg.sample.skip_layers if not 0 <= i < model_cfg.depth]
+  if bad:
+    raise ConfigError(f"config.sample.skip_layers: {bad} outside the imported model's layers 0..{model_cfg.depth - 1}")
   return dataclasses.replace(cfg, **changes), params

@@ -57,12 +57,14 @@ def _pipeline(root):
       tokenizer_3=auto(root / "tokenizer_3"))
 
 
-@pytest.mark.parametrize("steps,guidance,height,width", [(4, 7.0, 64, 64), (4, 1.0, 32, 64)])
-def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width):
+@pytest.mark.parametrize("steps,guidance,height,width,skip", [
+    (4, 7.0, 64, 64, ()), (4, 1.0, 32, 64, ()), (28, 5.0, 64, 32, (1,))])
+def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width, skip):
+  """skip: SD3.5's skip-layer guidance (scale 2.8 on steps 1..5 of 28, as SD3.5's defaults place it)."""
   requests = [sample.Request(p, n, seed=10 + i) for i, (p, n) in enumerate(PROMPTS)]
   cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "sample.steps": steps, "sample.guidance": guidance,
                           "sample.height": height, "sample.width": width, "encoders.t5_tokens": 77,
-                          "mesh.ici.data": 2, "mesh.ici.fsdp": 4})
+                          "sample.skip_layers": skip, "mesh.ici.data": 2, "mesh.ici.fsdp": 4})
   paths = sample.run_sample(cfg, tmp_path / "run", requests)
   ours = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
   records = [json.loads(l) for l in (tmp_path / "run" / "generated" / "generated.jsonl").read_text().splitlines()]
@@ -74,6 +76,7 @@ def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, gu
     theirs = _pipeline(sd3_dir)(
         prompt=[p for p, _ in PROMPTS], negative_prompt=[n for _, n in PROMPTS], num_inference_steps=steps,
         guidance_scale=guidance, height=height, width=width, max_sequence_length=77, output_type="np",
+        skip_guidance_layers=list(skip) or None,
         latents=torch.from_numpy(noise).permute(0, 3, 1, 2)).images
   assert ours.shape == theirs.shape == (2, height, width, 3)
   assert theirs.std() > 0.01  # (a non-trivial image)

@@ -102,8 +102,9 @@ def make_denoiser(process: Process, prediction: str, net: Callable, *, guidance_
 
   net(z, t, guided) returns (cond_out, uncond_out) when `guided` is True (the caller runs both halves
   in one batch) and cond_out alone otherwise. Guidance applies for t in guidance_interval. skip_net(z, t)
-  is the conditional output with layers skipped (SD3.5's skip-layer guidance), used while
-  i / num_steps lies in skip_interval: out += skip_scale · (cond − skipped). As diffusers' pipelines,
+  is the conditional output with layers skipped (SD3.5's skip-layer guidance), used at steps i with
+  start·N < i < stop·N for skip_interval = (start, stop) — strictly, as SD3.5's reference
+  (SkipLayerCFGDenoiser) and diffusers' pipeline — after guidance: out += skip_scale · (cond − skipped). As diffusers' pipelines,
   guidance runs only for a scale above 1 (w ≤ 1: the conditional output alone, one network call).
   """
   if threshold not in THRESHOLDS:
@@ -120,8 +121,7 @@ def make_denoiser(process: Process, prediction: str, net: Callable, *, guidance_
     else:
       cond = out = net(z, tb, False)
     if skip_net is not None and skip_scale:
-      frac = i / num_steps
-      active = (frac >= skip_interval[0]) & (frac <= skip_interval[1])
+      active = (i > skip_interval[0] * num_steps) & (i < skip_interval[1] * num_steps)
       out = out + jnp.where(active, skip_scale * (cond - skip_net(z, tb)), 0.0)
     x_hat, eps_hat = to_x_eps(process, prediction, out, z, jnp.maximum(tb, t_min_eps))
     if thresh is not None:
