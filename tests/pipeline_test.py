@@ -117,3 +117,33 @@ def test_training_starts_from_the_imported_weights(sd3_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
   with pytest.raises(errors.ConfigError, match="fine-tunes official weights on a dataset: set config.data.path"):
     train.train_and_evaluate(helpers.config(**{"init": f"diffusers:{sd3_dir}"}), tmp_path / "run2")
+
+
+def test_export_round_trip(straight, tmp_path):
+  """A trained run exported (EMA) loads in diffusers' SD3Transformer2DModel and gives our forward's output;
+  imported back through config.init it is the same parameters."""
+  import jax
+  import jax.numpy as jnp
+  from mmdit_jax import export, model
+  workdir, (_, state, _) = straight
+  out = export.export(workdir, tmp_path / "exported")
+  cfg = export.run_config(workdir)
+  ref = diffusers.SD3Transformer2DModel.from_pretrained(out).eval()
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((2, 16, 24, cfg.model.in_channels)).astype(np.float32)  # non-square
+  t = np.array([0.3, 0.9], np.float32)
+  context = rng.standard_normal((2, 5, cfg.model.context_dim)).astype(np.float32)
+  pooled = rng.standard_normal((2, cfg.model.pooled_dim)).astype(np.float32)
+  ours = np.asarray(model.forward(cfg.model, state["ema"], jnp.asarray(z), jnp.asarray(t),
+                                  {"context": jnp.asarray(context), "pooled": jnp.asarray(pooled)}))
+  with torch.no_grad():
+    theirs = ref(hidden_states=torch.from_numpy(z).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(context),
+                 pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(1000 * t),
+                 return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+  assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+  back_cfg, back = model.from_diffusers(out)
+  assert back_cfg.depth == cfg.model.depth and back_cfg.width == cfg.model.width
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state["ema"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(errors.UserError, match="config.json does not exist"):
+    export.export(tmp_path, tmp_path / "x")

@@ -151,3 +151,65 @@ def from_diffusers(path, **overrides):
   tensors, config_json = load_safetensors(path)
   cfg = infer_config(tensors, config_json, **overrides)
   return cfg, convert_state_dict(tensors, cfg)
+
+
+# ── Export: our parameters → diffusers SD3Transformer2DModel (the same name maps, inverted) ──
+
+def _flat_params(params) -> dict:
+  """{path tuple (ints for list indices): float32 numpy} of an nnx.State or pure dict of parameters."""
+  from flax import nnx
+  out = {}
+  for path, v in nnx.to_flat_state(params):
+    value = v.get_value() if isinstance(v, nnx.Variable) else v
+    key = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
+    out[key] = np.asarray(value, np.float32)
+  return out
+
+
+def to_diffusers(cfg: MMDiTConfig, params) -> tuple[dict, dict]:
+  """(tensors, config.json) of an `SD3Transformer2DModel` equal to `params` — what `from_diffusers` reads
+  back. MM-DiT variants diffusers has no class for (separate text streams, mlp_ratio ≠ 4) are refused."""
+  if cfg.text_streams:
+    raise ConversionError(f"text_streams={cfg.text_streams}: diffusers' SD3Transformer2DModel has one text stream")
+  if cfg.mlp_ratio != 4.0:
+    raise ConversionError(f"mlp_ratio={cfg.mlp_ratio}: diffusers' SD3Transformer2DModel fixes it at 4")
+  flat = _flat_params(params)
+  tensors = {}
+
+  def linear(ours, theirs):
+    tensors[theirs + ".weight"] = np.ascontiguousarray(flat[ours + ("kernel",)].T)
+    tensors[theirs + ".bias"] = flat[ours + ("bias",)]
+
+  kernel = flat[("x_embedder", "kernel")]  # (P·P·C, D), patch order (p, q, c) → (D, C, P, P)
+  p, c = cfg.patch_size, cfg.in_channels
+  tensors["pos_embed.proj.weight"] = np.ascontiguousarray(kernel.reshape(p, p, c, -1).transpose(3, 2, 0, 1))
+  tensors["pos_embed.proj.bias"] = flat[("x_embedder", "bias")]
+  m = cfg.pos_embed_max_size
+  tensors["pos_embed.pos_embed"] = np.asarray(
+      layers.sincos_pos_embed(cfg.width, m, m, m, cfg.sample_size // cfg.patch_size), np.float32)[None]
+  for ours, theirs in _TOP_LINEARS.items():
+    linear(ours, theirs)
+
+  def block(prefix_ours, layer, index=None):
+    pick = (lambda a: a[index]) if index is not None else (lambda a: a)
+    for ours, theirs in _STREAM_LINEARS.items():
+      if prefix_ours + ours + ("kernel",) in flat:
+        name = f"transformer_blocks.{layer}.{theirs}"
+        tensors[name + ".weight"] = np.ascontiguousarray(pick(flat[prefix_ours + ours + ("kernel",)]).T)
+        tensors[name + ".bias"] = pick(flat[prefix_ours + ours + ("bias",)])
+    for ours, theirs in _STREAM_NORMS.items():
+      if prefix_ours + ours + ("scale",) in flat:
+        tensors[f"transformer_blocks.{layer}.{theirs}.weight"] = pick(flat[prefix_ours + ours + ("scale",)])
+
+  for s, (first, n, _) in enumerate(cfg.stages()):
+    for j in range(n):
+      block(("stages", s, "layers"), first + j, j)
+  block(("final_block",), cfg.depth - 1)
+  config = {
+      "_class_name": "SD3Transformer2DModel", "sample_size": cfg.sample_size, "patch_size": cfg.patch_size,
+      "in_channels": cfg.in_channels, "out_channels": cfg.out_channels or cfg.in_channels,
+      "num_layers": cfg.depth, "attention_head_dim": cfg.width // cfg.heads, "num_attention_heads": cfg.heads,
+      "joint_attention_dim": cfg.context_dim, "caption_projection_dim": cfg.width,
+      "pooled_projection_dim": cfg.pooled_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
+      "dual_attention_layers": list(cfg.dual_attention_layers), "qk_norm": "rms_norm" if cfg.qk_norm else None}
+  return tensors, config
