@@ -70,8 +70,13 @@ def infer_config(tensors: dict, config_json: dict | None = None, **overrides) ->
     heads = width // tensors["transformer_blocks.0.attn.norm_q.weight"].shape[0]
   elif "num_attention_heads" in config_json:
     heads = int(config_json["num_attention_heads"])
+  elif "num_heads" in overrides:
+    heads = overrides["num_heads"]
   else:
     heads = width // 64  # SD3's rule: head dim 64
+    if heads == 0 or width % 64:
+      raise ConversionError(f"width {width}: the number of heads is not in the checkpoint (no config.json, no "
+                            "QK-norm) and SD3's head dim 64 does not divide it; pass num_heads")
   dual = tuple(i for i in layer_ids if f"transformer_blocks.{i}.attn2.to_q.weight" in tensors)
   pos = need(tensors, "pos_embed.pos_embed")  # (1, M·M, D)
   max_size = math.isqrt(pos.shape[1])
@@ -143,12 +148,88 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
   return fill_params(cfg, flat)
 
 
+# ── SD3's own single-file layout (sd3_medium.safetensors, sd3.5_*.safetensors) → diffusers names ──
+
+SINGLE_FILE_PREFIX = "model.diffusion_model."
+
+
+def is_single_file(tensors: dict) -> bool:
+  return any(k.startswith(SINGLE_FILE_PREFIX) or k.startswith("joint_blocks.") for k in tensors)
+
+
+def _swap_halves(x):
+  """SD3 stores the final (pre-only) modulations as (shift, scale); diffusers as (scale, shift)."""
+  a, b = np.split(x, 2, axis=0)
+  return np.concatenate([b, a], axis=0)
+
+
+def single_file_to_diffusers(tensors: dict) -> dict:
+  """The MM-DiT tensors of an SD3 / SD3.5 single-file checkpoint under diffusers' names, as diffusers'
+  convert_sd3_transformer_checkpoint_to_diffusers maps them (fused qkv split, final modulations swapped).
+  Bundled text encoders and VAE (other prefixes) are left out; a leftover MM-DiT tensor is an error."""
+  has_prefix = any(k.startswith(SINGLE_FILE_PREFIX) for k in tensors)
+  sd = {k[len(SINGLE_FILE_PREFIX):]: v for k, v in tensors.items() if k.startswith(SINGLE_FILE_PREFIX)} \
+      if has_prefix else dict(tensors)
+  used: set[str] = set()
+
+  def take(name):
+    used.add(name)
+    return need(sd, name)
+
+  out = {"pos_embed.pos_embed": take("pos_embed"), "pos_embed.proj.weight": take("x_embedder.proj.weight"),
+         "pos_embed.proj.bias": take("x_embedder.proj.bias")}
+  for ours, theirs in (("time_text_embed.timestep_embedder", "t_embedder"),
+                       ("time_text_embed.text_embedder", "y_embedder")):
+    for j, k in (("linear_1", 0), ("linear_2", 2)):
+      for w in ("weight", "bias"):
+        out[f"{ours}.{j}.{w}"] = take(f"{theirs}.mlp.{k}.{w}")
+  for w in ("weight", "bias"):
+    out[f"context_embedder.{w}"] = take(f"context_embedder.{w}")
+    out[f"proj_out.{w}"] = take(f"final_layer.linear.{w}")
+    out[f"norm_out.linear.{w}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{w}"))
+  layer_ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")})
+  last = layer_ids[-1] if layer_ids else -1
+  for i in layer_ids:
+    src, dst = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+    streams = [("x_block", "attn", ("to_q", "to_k", "to_v"), "attn.to_out.0", "norm1.linear", "ff")]
+    streams.append(("context_block", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                    None if i == last else "attn.to_add_out", "norm1_context.linear",
+                    None if i == last else "ff_context"))
+    if f"{src}.x_block.attn2.qkv.weight" in sd:
+      streams.append(("x_block", "attn2", ("to_q", "to_k", "to_v"), "attn2.to_out.0", None, None))
+    for block, attn, qkv, proj, mod, ff in streams:
+      dst_attn = "attn2" if attn == "attn2" else "attn"
+      for w in ("weight", "bias"):
+        for name, part in zip(qkv, np.split(take(f"{src}.{block}.{attn}.qkv.{w}"), 3, axis=0)):
+          out[f"{dst}.{dst_attn}.{name}.{w}"] = part
+        if proj:
+          out[f"{dst}.{proj}.{w}"] = take(f"{src}.{block}.{attn}.proj.{w}")
+        if mod:
+          value = take(f"{src}.{block}.adaLN_modulation.1.{w}")
+          out[f"{dst}.{mod}.{w}"] = _swap_halves(value) if block == "context_block" and i == last else value
+        if ff:
+          out[f"{dst}.{ff}.net.0.proj.{w}"] = take(f"{src}.{block}.mlp.fc1.{w}")
+          out[f"{dst}.{ff}.net.2.{w}"] = take(f"{src}.{block}.mlp.fc2.{w}")
+      for norm, name in (("ln_q", "norm_q" if block == "x_block" else "norm_added_q"),
+                         ("ln_k", "norm_k" if block == "x_block" else "norm_added_k")):
+        key = f"{src}.{block}.{attn}.{norm}.weight"
+        if key in sd:
+          out[f"{dst}.{dst_attn}.{name}.weight"] = take(key)
+  leftover = sorted(k for k in sd if k not in used and not k.startswith(("text_encoders.", "first_stage_model.")))
+  if leftover:
+    raise ConversionError(f"single-file checkpoint: tensors not part of SD3's MM-DiT layout: {leftover[:20]}")
+  return out
+
+
 def from_diffusers(path, **overrides):
-  """(config, params) from a diffusers SD3Transformer2DModel checkpoint: a .safetensors file or directory.
+  """(config, params) from a diffusers SD3Transformer2DModel checkpoint (a .safetensors file or directory)
+  or an SD3 / SD3.5 single-file checkpoint (its MM-DiT part; detected by its key layout).
 
   `overrides` set config fields that shapes cannot tell (dtype, attention, remat, …).
   """
   tensors, config_json = load_safetensors(path)
+  if is_single_file(tensors):
+    tensors, config_json = single_file_to_diffusers(tensors), None
   cfg = infer_config(tensors, config_json, **overrides)
   return cfg, convert_state_dict(tensors, cfg)
 
