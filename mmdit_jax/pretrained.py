@@ -37,17 +37,19 @@ def _transformer_path(root: epath.Path) -> epath.Path:
 
 
 def resolve(cfg: TrainConfig):
-  """(cfg agreeing with the weights, host params) for config.init; (cfg, None) without one."""
+  """(cfg agreeing with the weights, load) for config.init, where load(mesh) reads the parameters tensor by
+  tensor straight into their shardings on `mesh` (called only when no checkpoint is restored instead);
+  (cfg, None) without one."""
   if not cfg.init:
     return cfg, None
   from mmdit_jax import model
-  from mmdit_jax.model.convert import from_diffusers
+  from mmdit_jax.model.convert import convert_state_dict, read_diffusers
   _, root = parse(cfg.init)
   if not isinstance(cfg.model, model.MMDiTConfig):
     raise ConfigError(f"config.init={cfg.init!r} imports an SD3 transformer; config.model is "
                       f"{type(cfg.model).__name__} (use configs/rf_lognorm.py)")
   keep = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
-  model_cfg, params = from_diffusers(_transformer_path(root), **keep)
+  model_cfg, tensors = read_diffusers(_transformer_path(root), **keep)
   changes = {"model": model_cfg}
   scheduler = root / "scheduler" / "scheduler_config.json"
   if scheduler.exists():
@@ -58,4 +60,8 @@ def resolve(cfg: TrainConfig):
   bad = [i for i in cfg.sample.skip_layers if not 0 <= i < model_cfg.depth]
   if bad:
     raise ConfigError(f"config.sample.skip_layers: {bad} outside the imported model's layers 0..{model_cfg.depth - 1}")
-  return dataclasses.replace(cfg, **changes), params
+  rules = cfg.sharding_rules
+
+  def load(mesh):
+    return convert_state_dict(tensors, model_cfg, model.param_shardings(model_cfg, mesh, rules))
+  return dataclasses.replace(cfg, **changes), load

@@ -83,16 +83,16 @@ def state_from_params(params, tx):
 
 def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, init_params=None):
   """(state, start step, data iterator state or None): the newest intact checkpoint (damaged newer ones are
-  moved aside with a warning), else a fresh state initialised directly into its shardings — around
-  `init_params` (imported weights, config.init) when given."""
+  moved aside with a warning), else a fresh state initialised directly into its shardings — around the
+  imported weights when `init_params` (pretrained.resolve's load(mesh)) is given."""
   found = restore_latest(cfg, tx, mesh, ckpt, set_aside_damaged=True)
   if found is not None:
     step, state, data_state = found
     return state, step, data_state
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     _, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-    if init_params is not None:
-      state = jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(init_params)
+    if init_params is not None:  # imported weights: load(mesh) → parameters already in their shardings
+      state = jax.jit(lambda p: state_from_params(p, tx), out_shardings=shardings)(init_params(mesh))
     else:
       state = jax.jit(lambda k: init_state(cfg.model, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed + 1))
   return state, 0, None
@@ -100,7 +100,7 @@ def restore_or_init(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, init_params=
 
 def restore_for_eval(cfg: TrainConfig, workdir, mesh, init_params=None):
   """(state, step) of the newest intact checkpoint under workdir/checkpoints, on `mesh` (any shape); without
-  one, `init_params` (imported weights, config.init) as step 0."""
+  one, the imported weights of `init_params` (pretrained.resolve's load(mesh)) as step 0."""
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
   ckpt = Checkpointer(workdir / "checkpoints")
   try:
@@ -108,9 +108,7 @@ def restore_for_eval(cfg: TrainConfig, workdir, mesh, init_params=None):
   finally:
     ckpt.close()
   if found is None and init_params is not None:
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-      shardings = model.param_shardings(cfg.model, mesh, cfg.sharding_rules)
-      params = jax.device_put(init_params, shardings)
+    params = init_params(mesh)
     return {"params": params, "ema": params}, 0
   if found is None:
     raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}; train first (same --workdir), or "

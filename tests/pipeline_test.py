@@ -107,7 +107,8 @@ def test_training_starts_from_the_imported_weights(sd3_dir, tmp_path):
   cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "data.path": str(tmp_path / "latents"),
                           "total_steps": 1, "checkpoint_every": 1, "eval_every": 0, "debug.log_data_order": False})
   train.train_and_evaluate(cfg, tmp_path / "run")
-  resolved, imported = pretrained.resolve(cfg)
+  resolved, load = pretrained.resolve(cfg)
+  imported = model.from_diffusers(sd3_dir / "transformer")[1]
   assert resolved.model.depth == 2 and resolved.model.context_dim == 96 and resolved.formulation.shift == 3.0
   step, state, _ = helpers.final_state(tmp_path / "run", resolved)
   assert step == 1

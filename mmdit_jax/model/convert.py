@@ -13,7 +13,8 @@ import numpy as np
 
 from mmdit_jax.model import layers
 from mmdit_jax.model.mmdit import MMDiTConfig
-from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params, load_safetensors
+from mmdit_jax.model.weights import ConversionError, Deferred, Derived, check_all_used, fill_params, load_safetensors
+from mmdit_jax.model.weights import require
 from mmdit_jax.model.weights import need
 
 # Our block-relative path → diffusers block-relative name (Linear layers; kernels are transposed).
@@ -98,41 +99,49 @@ def infer_config(tensors: dict, config_json: dict | None = None, **overrides) ->
 
 
 def _block_tensors(tensors, layer, used):
-  """Our block-relative flat params of diffusers layer `layer`."""
+  """Our block-relative flat params of diffusers layer `layer`, as thunks (read when placed)."""
   out = {}
   prefix = f"transformer_blocks.{layer}."
   for ours, theirs in _STREAM_LINEARS.items():
     name = prefix + theirs
     if name + ".weight" in tensors:
-      out[ours + ("kernel",)] = tensors[name + ".weight"].T
-      out[ours + ("bias",)] = need(tensors, name + ".bias")
+      require(tensors, name + ".bias")
+      out[ours + ("kernel",)] = lambda n=name + ".weight": tensors[n].T
+      out[ours + ("bias",)] = lambda n=name + ".bias": tensors[n]
       used.update({name + ".weight", name + ".bias"})
   for ours, theirs in _STREAM_NORMS.items():
     name = prefix + theirs + ".weight"
     if name in tensors:
-      out[ours + ("scale",)] = tensors[name]
+      out[ours + ("scale",)] = lambda n=name: tensors[n]
       used.add(name)
   return out
 
 
-def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
-  """diffusers tensors → an nnx.State of our parameters for `cfg`."""
+def convert_state_dict(tensors, cfg: MMDiTConfig, shardings=None):
+  """diffusers tensors (a dict, or a lazy mapping read tensor by tensor) → an nnx.State of our parameters
+  for `cfg`; with `shardings`, each parameter is read and placed shard by shard (a layer stack's shard
+  reads only its layers), so the checkpoint is never whole in host memory."""
   used: set[str] = set()
   flat = {}
-  proj = tensors["pos_embed.proj.weight"]  # (D, C, P, P) → (P·P·C, D), patch order (p, q, c)
-  flat[("x_embedder", "kernel")] = proj.transpose(2, 3, 1, 0).reshape(-1, proj.shape[0])
-  flat[("x_embedder", "bias")] = need(tensors, "pos_embed.proj.bias")
+
+  def embed_kernel():  # (D, C, P, P) → (P·P·C, D), patch order (p, q, c)
+    proj = tensors["pos_embed.proj.weight"]
+    return proj.transpose(2, 3, 1, 0).reshape(-1, proj.shape[0])
+  require(tensors, "pos_embed.proj.weight", "pos_embed.proj.bias")
+  flat[("x_embedder", "kernel")] = Deferred(embed_kernel)
+  flat[("x_embedder", "bias")] = Deferred(lambda: tensors["pos_embed.proj.bias"])
   used.update({"pos_embed.proj.weight", "pos_embed.proj.bias"})
   for ours, theirs in _TOP_LINEARS.items():
-    flat[ours + ("kernel",)] = need(tensors, theirs + ".weight").T
-    flat[ours + ("bias",)] = need(tensors, theirs + ".bias")
+    require(tensors, theirs + ".weight", theirs + ".bias")
+    flat[ours + ("kernel",)] = Deferred(lambda n=theirs + ".weight": tensors[n].T)
+    flat[ours + ("bias",)] = Deferred(lambda n=theirs + ".bias": tensors[n])
     used.update({theirs + ".weight", theirs + ".bias"})
   for s, (first, n, _) in enumerate(cfg.stages()):
     blocks = [_block_tensors(tensors, i, used) for i in range(first, first + n)]
     for key in blocks[0]:
-      flat[("stages", s, "layers") + key] = np.stack([b[key] for b in blocks])
+      flat[("stages", s, "layers") + key] = Deferred.stack([b[key] for b in blocks])
   for key, value in _block_tensors(tensors, cfg.depth - 1, used).items():
-    flat[("final_block",) + key] = value
+    flat[("final_block",) + key] = Deferred(value)
 
   # The position table is fixed, not learned: check it instead of loading it.
   pos = tensors["pos_embed.pos_embed"]
@@ -145,7 +154,7 @@ def convert_state_dict(tensors: dict, cfg: MMDiTConfig):
   used.add("pos_embed.pos_embed")
 
   check_all_used(tensors, used)
-  return fill_params(cfg, flat)
+  return fill_params(cfg, flat, shardings)
 
 
 # ── SD3's own single-file layout (sd3_medium.safetensors, sd3.5_*.safetensors) → diffusers names ──
@@ -163,18 +172,23 @@ def _swap_halves(x):
   return np.concatenate([b, a], axis=0)
 
 
-def single_file_to_diffusers(tensors: dict) -> dict:
+def single_file_to_diffusers(tensors) -> Derived:
   """The MM-DiT tensors of an SD3 / SD3.5 single-file checkpoint under diffusers' names, as diffusers'
-  convert_sd3_transformer_checkpoint_to_diffusers maps them (fused qkv split, final modulations swapped).
-  Bundled text encoders and VAE (other prefixes) are left out; a leftover MM-DiT tensor is an error."""
+  convert_sd3_transformer_checkpoint_to_diffusers maps them (fused qkv split, final modulations swapped),
+  computed when read. Bundled text encoders and VAE (other prefixes) are left out; a leftover MM-DiT
+  tensor is an error."""
   has_prefix = any(k.startswith(SINGLE_FILE_PREFIX) for k in tensors)
-  sd = {k[len(SINGLE_FILE_PREFIX):]: v for k, v in tensors.items() if k.startswith(SINGLE_FILE_PREFIX)} \
-      if has_prefix else dict(tensors)
+  names = {k[len(SINGLE_FILE_PREFIX):]: k for k in tensors if k.startswith(SINGLE_FILE_PREFIX)} if has_prefix \
+      else {k: k for k in tensors}
   used: set[str] = set()
 
-  def take(name):
+  def take(name, transform=lambda x: x):
+    require(names, name)
     used.add(name)
-    return need(sd, name)
+    return lambda: transform(tensors[names[name]])
+
+  def part(j):
+    return lambda x: np.split(x, 3, axis=0)[j]
 
   out = {"pos_embed.pos_embed": take("pos_embed"), "pos_embed.proj.weight": take("x_embedder.proj.weight"),
          "pos_embed.proj.bias": take("x_embedder.proj.bias")}
@@ -186,8 +200,8 @@ def single_file_to_diffusers(tensors: dict) -> dict:
   for w in ("weight", "bias"):
     out[f"context_embedder.{w}"] = take(f"context_embedder.{w}")
     out[f"proj_out.{w}"] = take(f"final_layer.linear.{w}")
-    out[f"norm_out.linear.{w}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{w}"))
-  layer_ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")})
+    out[f"norm_out.linear.{w}"] = take(f"final_layer.adaLN_modulation.1.{w}", _swap_halves)
+  layer_ids = sorted({int(k.split(".")[1]) for k in names if k.startswith("joint_blocks.")})
   last = layer_ids[-1] if layer_ids else -1
   for i in layer_ids:
     src, dst = f"joint_blocks.{i}", f"transformer_blocks.{i}"
@@ -195,43 +209,50 @@ def single_file_to_diffusers(tensors: dict) -> dict:
     streams.append(("context_block", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"),
                     None if i == last else "attn.to_add_out", "norm1_context.linear",
                     None if i == last else "ff_context"))
-    if f"{src}.x_block.attn2.qkv.weight" in sd:
+    if f"{src}.x_block.attn2.qkv.weight" in names:
       streams.append(("x_block", "attn2", ("to_q", "to_k", "to_v"), "attn2.to_out.0", None, None))
     for block, attn, qkv, proj, mod, ff in streams:
-      dst_attn = "attn2" if attn == "attn2" else "attn"
       for w in ("weight", "bias"):
-        for name, part in zip(qkv, np.split(take(f"{src}.{block}.{attn}.qkv.{w}"), 3, axis=0)):
-          out[f"{dst}.{dst_attn}.{name}.{w}"] = part
+        for j, name in enumerate(qkv):
+          out[f"{dst}.{attn}.{name}.{w}"] = take(f"{src}.{block}.{attn}.qkv.{w}", part(j))
         if proj:
           out[f"{dst}.{proj}.{w}"] = take(f"{src}.{block}.{attn}.proj.{w}")
         if mod:
-          value = take(f"{src}.{block}.adaLN_modulation.1.{w}")
-          out[f"{dst}.{mod}.{w}"] = _swap_halves(value) if block == "context_block" and i == last else value
+          swap = block == "context_block" and i == last
+          out[f"{dst}.{mod}.{w}"] = take(f"{src}.{block}.adaLN_modulation.1.{w}", _swap_halves if swap else lambda x: x)
         if ff:
           out[f"{dst}.{ff}.net.0.proj.{w}"] = take(f"{src}.{block}.mlp.fc1.{w}")
           out[f"{dst}.{ff}.net.2.{w}"] = take(f"{src}.{block}.mlp.fc2.{w}")
       for norm, name in (("ln_q", "norm_q" if block == "x_block" else "norm_added_q"),
                          ("ln_k", "norm_k" if block == "x_block" else "norm_added_k")):
         key = f"{src}.{block}.{attn}.{norm}.weight"
-        if key in sd:
-          out[f"{dst}.{dst_attn}.{name}.weight"] = take(key)
-  leftover = sorted(k for k in sd if k not in used and not k.startswith(("text_encoders.", "first_stage_model.")))
+        if key in names:
+          out[f"{dst}.{attn}.{name}.weight"] = take(key)
+  leftover = sorted(k for k in names if k not in used and not k.startswith(("text_encoders.", "first_stage_model.")))
   if leftover:
     raise ConversionError(f"single-file checkpoint: tensors not part of SD3's MM-DiT layout: {leftover[:20]}")
-  return out
+  return Derived(out)
 
 
-def from_diffusers(path, **overrides):
+def from_diffusers(path, shardings=None, **overrides):
   """(config, params) from a diffusers SD3Transformer2DModel checkpoint (a .safetensors file or directory)
-  or an SD3 / SD3.5 single-file checkpoint (its MM-DiT part; detected by its key layout).
+  or an SD3 / SD3.5 single-file checkpoint (its MM-DiT part; detected by its key layout). Tensors are read
+  one at a time; with `shardings` (a function of the config → api.param_shardings) each parameter goes
+  straight into its shards, so an 8B checkpoint is never whole in host memory.
 
   `overrides` set config fields that shapes cannot tell (dtype, attention, remat, …).
   """
-  tensors, config_json = load_safetensors(path)
+  cfg, tensors = read_diffusers(path, **overrides)
+  return cfg, convert_state_dict(tensors, cfg, shardings(cfg) if callable(shardings) else shardings)
+
+
+def read_diffusers(path, **overrides):
+  """(config, lazy tensors under diffusers' names) of a checkpoint `from_diffusers` reads: the config now,
+  the parameters later with convert_state_dict (only when they are needed)."""
+  tensors, config_json = load_safetensors(path, lazy=True)
   if is_single_file(tensors):
     tensors, config_json = single_file_to_diffusers(tensors), None
-  cfg = infer_config(tensors, config_json, **overrides)
-  return cfg, convert_state_dict(tensors, cfg)
+  return infer_config(tensors, config_json, **overrides), tensors
 
 
 # ── Export: our parameters → diffusers SD3Transformer2DModel (the same name maps, inverted) ──

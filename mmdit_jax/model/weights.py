@@ -8,6 +8,7 @@ the unknown, missing or mis-shaped tensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,100 @@ class ConversionError(UserError):
   """A checkpoint that does not fit the model: names the offending tensors."""
 
 
-def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
-  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any.
-  Remote weights (gs://) are read from their bucket's mount, or copied once into the local cache."""
+class LazyTensors(Mapping):
+  """{name: float32 numpy} over safetensors files, each tensor read from disk when indexed (and not kept):
+  a converter that takes tensors one at a time never holds the checkpoint in host memory."""
+
+  def __init__(self, files):
+    self.where = {}
+    for f in files:
+      with safe_open(str(f), framework="flax") as handle:
+        self.where.update({name: str(f) for name in handle.keys()})
+
+  def __getitem__(self, name):
+    with safe_open(self.where[name], framework="flax") as handle:  # the flax reader understands bfloat16
+      return np.asarray(handle.get_tensor(name), dtype=np.float32)
+
+  def __iter__(self):
+    return iter(self.where)
+
+  def __len__(self):
+    return len(self.where)
+
+  def __contains__(self, name):
+    return name in self.where
+
+
+class Derived(Mapping):
+  """{name: value computed on access} — a lazy renaming/reshaping of another lazy mapping."""
+
+  def __init__(self, thunks: dict):
+    self.thunks = thunks
+
+  def __getitem__(self, name):
+    return self.thunks[name]()
+
+  def __iter__(self):
+    return iter(self.thunks)
+
+  def __len__(self):
+    return len(self.thunks)
+
+  def __contains__(self, name):
+    return name in self.thunks
+
+
+class Deferred:
+  """A parameter read when it is placed: `load()` gives the whole array; `Deferred.stack(parts)` is a
+  scanned stack of per-layer parts, of which each shard reads only its own layers."""
+
+  def __init__(self, load, layers=None):
+    self.load_all, self.layers = load, layers
+
+  @classmethod
+  def stack(cls, parts):
+    return cls(None, layers=parts)
+
+  @property
+  def shape(self):
+    if self.layers is None:
+      return np.shape(self.load_all())
+    return (len(self.layers),) + np.shape(self.layers[0]())
+
+  def load(self, index=None):
+    """The array, or its block at `index` (a tuple of slices, as jax.make_array_from_callback passes)."""
+    if self.layers is None:
+      full = np.asarray(self.load_all(), np.float32)
+      return full if index is None else full[index]
+    rows = range(len(self.layers)) if index is None else range(*index[0].indices(len(self.layers)))
+    rest = () if index is None else tuple(index[1:])
+    out = None
+    for j, i in enumerate(rows):  # one full layer tensor on the host at a time
+      block = np.asarray(self.layers[i](), np.float32)[rest]
+      if out is None:
+        out = np.empty((len(rows),) + block.shape, np.float32)
+      out[j] = block
+      del block
+    return out
+
+
+def place(value: Deferred, shape, sharding) -> jax.Array:
+  """A global array of `sharding` from a Deferred, one device's block on the host at a time (a block that
+  several devices hold, e.g. replicated, is read once for them)."""
+  arrays, last_key, block = [], None, None
+  for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key != last_key:
+      block, last_key = None, key
+      block = value.load(index)
+    arrays.append(jax.device_put(block, device))
+  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
+
+
+def load_safetensors(path, lazy: bool = False) -> tuple[Mapping, dict]:
+  """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any;
+  with lazy, a LazyTensors that reads each tensor when it is used. Remote weights (gs://) are read from
+  their bucket's mount, or copied once into the local cache."""
   if paths.is_remote(path) and not epath.Path(path).is_dir():  # a single file: bring its config.json too
     config = epath.Path(path).parent / "config.json"
     path = paths.local_copy(path, paths.cache_dir())
@@ -42,6 +134,9 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
     config_path = path.parent / "config.json"
   if not files or not all(f.is_file() for f in files):
     raise ConversionError(f"no .safetensors weights at {path}")
+  if lazy:
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return LazyTensors(files), config
   tensors = {}
   for f in files:
     with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
@@ -49,6 +144,13 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
         tensors[name] = np.asarray(handle.get_tensor(name), dtype=np.float32)
   config = json.loads(config_path.read_text()) if config_path.is_file() else {}
   return tensors, config
+
+
+def require(tensors, *names):
+  """A ConversionError naming the first of `names` missing from tensors (nothing is read)."""
+  for name in names:
+    if name not in tensors:
+      raise ConversionError(f"checkpoint lacks tensor {name!r}")
 
 
 def need(tensors, name):
@@ -77,7 +179,7 @@ def fill_params(cfg, flat: dict, shardings=None):
   if missing:
     raise ConversionError(f"checkpoint lacks parameters for: {missing[:20]}")
   wrong = [f"{p}: checkpoint {flat[p].shape} vs model {expected_paths[p]}" for p in expected_paths
-           if flat[p].shape != expected_paths[p]]
+           if tuple(flat[p].shape) != tuple(expected_paths[p])]
   if wrong:
     raise ConversionError("shape mismatch: " + "; ".join(wrong[:20]))
   state = api.abstract_params(cfg)
@@ -88,8 +190,12 @@ def fill_params(cfg, flat: dict, shardings=None):
     node = pure
     for k in path[:-1]:
       node = node.setdefault(k, {})
-    value = np.asarray(value, np.float32)
+    if isinstance(value, Deferred) and path in where:  # each shard reads only its block
+      node[path[-1]] = place(value, expected_paths[path], where[path])
+      continue
+    value = value.load() if isinstance(value, Deferred) else np.asarray(value, np.float32)
     node[path[-1]] = jax.device_put(value, where[path]) if path in where else jnp.asarray(value)
+    del value  # (one parameter on the host at a time)
   nnx.replace_by_pure_dict(state, pure)
   return state
 
