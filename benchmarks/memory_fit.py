@@ -10,14 +10,15 @@ for any cell where 'dots' does not fit); HBM per chip ≈ c + k·batch, and that
 gives a batch compiled next (halved until it fits); secant steps through the two latest compiles then find
 where the line meets 95 % of HBM, each compiled to confirm (at most three). The table reports the largest
 per-chip batch that compiled within 95 % of HBM.
-The mesh: FSDP over min(chips, 16) and data parallelism over the rest (what `configs/rf_lognorm.py` pod
-examples use). Each compile runs in its own process (the 8B step holds several GiB while compiling). Cells
+The mesh: FSDP over the largest product of physical axes ≤ 16 (16 on 4x4x4, 2x4x4 and 4x4; 8 on 8x8) and
+data parallelism over the rest. At 1024² both remat policies are searched and the larger batch reported. Each compile runs in its own process (the 8B step holds several GiB while compiling). Cells
 are appended to --out as they finish; a re-run skips the cells already there.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -33,9 +34,16 @@ SLICES = {"v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4", "v5e-16": "v5e:4x4", "v
 HEADROOM = 0.95  # leave 5 % of HBM for the runtime and fragmentation
 
 
+def fsdp_size(topology: str) -> int:
+  """The largest FSDP axis ≤ 16 that tiles the slice: a product of some of its physical axes (a logical
+  mesh axis must be one, e.g. 16 = 4×4 of a 4x4x4 torus, but only 8 of an 8x8 one)."""
+  dims = [int(d) for d in topology.split(":")[-1].split("x")]
+  products = {math.prod(c) for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)}
+  return max(p for p in products if p <= 16)
+
+
 def _compile(model: str, res: int, topology: str, remat: str, per_chip: int, timeout_s: int) -> dict:
-  chips = math.prod(int(d) for d in topology.split(":")[-1].split("x"))
-  fsdp = min(chips, 16)
+  fsdp = fsdp_size(topology)
   code = f"""
 import json, sys
 from mmdit_jax.aot import prepare_environment
@@ -79,6 +87,7 @@ def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
     tried.append({k: r.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
     return r if r.get("fits") is not None and _fits(r, r["hbm_gib"]) else None
 
+  results = []
   for remat in (["dots", "full"] if model == "2b" else ["full"]):
     probe = _compile(model, res, topology, remat, 1, timeout_s)
     tried.append({k: probe.get(k) for k in ("remat", "per_chip_batch", "total_gib", "fits", "error", "compile_s")})
@@ -122,12 +131,16 @@ def fit_cell(model: str, res: int, slice_name: str, timeout_s: int) -> dict:
       history.append((guess, r["total_gib"]))
       if failed is not None and failed == best["per_chip_batch"] + 1:
         break
-    return {"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": True,
+    results.append({"model": model, "res": res, "slice": slice_name, "topology": topology, "fits": True,
             "remat": remat, "mesh": best["mesh"], "max_per_chip_batch": int(best["per_chip_batch"]),
             "total_gib": best["total_gib"], "state_gib": best["state_gib"], "temp_gib": best["temp_gib"],
             "hbm_gib": best["hbm_gib"], "roofline_mfu": best["roofline_mfu"],
             "roofline_step_s": best["roofline_step_s"], "collectives": best["collectives"],
-            "params": best["params"], "tried": tried}
+            "params": best["params"], "tried": tried})
+    if res < 1024:  # at 256² the first policy that fits is the one to use; at 1024² 'dots' keeps the
+      break         # attention logits (the efficiency issue), so 'full' may fit a larger batch: try both
+  if results:
+    return max(results, key=lambda r: r["max_per_chip_batch"])  # (a tie keeps the cheaper 'dots')
   last = probe
   why = (f"per-chip batch 1 needs {last['total_gib']:.1f} GiB of {last['hbm_gib']:.1f} (state "
          f"{last['state_gib']:.1f}, temporaries {last['temp_gib']:.1f}) with remat={last['remat']}"

@@ -57,13 +57,15 @@ def _pipeline(root):
       tokenizer_3=auto(root / "tokenizer_3"))
 
 
-@pytest.mark.parametrize("steps,guidance,height,width,skip", [
-    (4, 7.0, 64, 64, ()), (4, 1.0, 32, 64, ()), (28, 5.0, 64, 32, (1,))])
-def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width, skip):
-  """skip: SD3.5's skip-layer guidance (scale 2.8 on steps 1..5 of 28, as SD3.5's defaults place it)."""
+@pytest.mark.parametrize("steps,guidance,height,width,skip,t5_tokens", [
+    (4, 7.0, 64, 64, (), 77), (4, 1.0, 32, 64, (), 256), (28, 5.0, 64, 32, (1,), 77)])
+def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width, skip,
+                                                    t5_tokens):
+  """skip: SD3.5's skip-layer guidance (scale 2.8 on steps 1..5 of 28, as SD3.5's defaults place it);
+  t5_tokens: T5's sequence length (diffusers' max_sequence_length, 256 by default)."""
   requests = [sample.Request(p, n, seed=10 + i) for i, (p, n) in enumerate(PROMPTS)]
   cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "sample.steps": steps, "sample.guidance": guidance,
-                          "sample.height": height, "sample.width": width, "encoders.t5_tokens": 77,
+                          "sample.height": height, "sample.width": width, "encoders.t5_tokens": t5_tokens,
                           "sample.skip_layers": skip, "mesh.ici.data": 2, "mesh.ici.fsdp": 4})
   paths = sample.run_sample(cfg, tmp_path / "run", requests)
   ours = np.stack([np.asarray(Image.open(p), np.float32) / 255 for p in paths])
@@ -75,7 +77,7 @@ def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, gu
   with torch.no_grad():
     theirs = _pipeline(sd3_dir)(
         prompt=[p for p, _ in PROMPTS], negative_prompt=[n for _, n in PROMPTS], num_inference_steps=steps,
-        guidance_scale=guidance, height=height, width=width, max_sequence_length=77, output_type="np",
+        guidance_scale=guidance, height=height, width=width, max_sequence_length=t5_tokens, output_type="np",
         skip_guidance_layers=list(skip) or None,
         latents=torch.from_numpy(noise).permute(0, 3, 1, 2)).images
   assert ours.shape == theirs.shape == (2, height, width, 3)
