@@ -23,12 +23,21 @@ PROMPTS = [("a red circle at the top left", "a blue square"), ("a green triangle
 TRANSFORMERS = {"sd3": {}, "sd35": dict(qk_norm="rms_norm", dual_attention_layers=(0,))}  # SD3.5: QK-norm, MMDiT-X
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSFORMERS))
-def sd3_dir(request, tmp_path_factory):
-  """A diffusers SD3 (or SD3.5-shaped) pipeline directory: tiny random encoders (T5 wider than CLIP-L ‖
-  bigG, as in SD3, and CLIP-L's text_projection the identity, as in SD3's weights), an 8× VAE, a
-  transformer, a shift-3 scheduler."""
-  root = tmp_path_factory.mktemp(f"{request.param}_pipeline")
+@pytest.fixture(scope="module")
+def sd3_dirs(tmp_path_factory):
+  """variant → a diffusers SD3 (or SD3.5-shaped) pipeline directory, written on first use: tiny random
+  encoders (T5 wider than CLIP-L ‖ bigG, as in SD3, and CLIP-L's text_projection the identity, as in SD3's
+  weights), an 8× VAE, a transformer, a shift-3 scheduler."""
+  made = {}
+
+  def get(variant):
+    if variant not in made:
+      made[variant] = _write_pipeline(tmp_path_factory.mktemp(f"{variant}_pipeline"), variant)
+    return made[variant]
+  return get
+
+
+def _write_pipeline(root, variant):
   tiny.write_sd3_encoders(root, widths={"t5": 96}, vae_blocks=(8, 8, 16, 16))
   clip_l = transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder")
   with torch.no_grad():
@@ -38,7 +47,7 @@ def sd3_dir(request, tmp_path_factory):
   diffusers.SD3Transformer2DModel(
       sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
       num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=80,
-      pos_embed_max_size=8, **TRANSFORMERS[request.param]).save_pretrained(root / "transformer")
+      pos_embed_max_size=8, **TRANSFORMERS[variant]).save_pretrained(root / "transformer")
   diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "scheduler")
   return root
 
@@ -57,12 +66,14 @@ def _pipeline(root):
       tokenizer_3=auto(root / "tokenizer_3"))
 
 
-@pytest.mark.parametrize("steps,guidance,height,width,skip,t5_tokens", [
-    (4, 7.0, 64, 64, (), 77), (4, 1.0, 32, 64, (), 256), (28, 5.0, 64, 32, (1,), 77)])
-def test_sample_mode_matches_the_diffusers_pipeline(sd3_dir, tmp_path, steps, guidance, height, width, skip,
-                                                    t5_tokens):
+@pytest.mark.parametrize("variant,steps,guidance,height,width,skip,t5_tokens", [
+    ("sd3", 4, 7.0, 64, 64, (), 77), ("sd3", 4, 1.0, 32, 64, (), 256), ("sd35", 28, 5.0, 64, 32, (1,), 77),
+    ("sd35", 4, 7.0, 64, 64, (), 256)])
+def test_sample_mode_matches_the_diffusers_pipeline(sd3_dirs, tmp_path, variant, steps, guidance, height, width,
+                                                    skip, t5_tokens):
   """skip: SD3.5's skip-layer guidance (scale 2.8 on steps 1..5 of 28, as SD3.5's defaults place it);
   t5_tokens: T5's sequence length (diffusers' max_sequence_length, 256 by default)."""
+  sd3_dir = sd3_dirs(variant)
   requests = [sample.Request(p, n, seed=10 + i) for i, (p, n) in enumerate(PROMPTS)]
   cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "sample.steps": steps, "sample.guidance": guidance,
                           "sample.height": height, "sample.width": width, "encoders.t5_tokens": t5_tokens,
@@ -93,42 +104,67 @@ def test_init_errors(tmp_path):
     pretrained.parse(f"diffusers:{tmp_path / 'missing'}")
 
 
-def test_training_starts_from_the_imported_weights(sd3_dir, tmp_path):
-  """The same `init` fine-tunes: step 0 is the imported transformer (the EMA after one step stays next to
-  it), not a random initialisation; the model config comes from the weights, the shift from the scheduler."""
-  if sd3_dir.name.startswith("sd35"):
-    pytest.skip("fine-tuning is checked on the SD3 shape (the SD3.5 shape's import is checked above)")
+def test_fine_tuning_starts_from_the_imported_weights(sd3_dirs, tmp_path):
+  """The same `init` fine-tunes: with no checkpoint yet, the train state is the imported transformer (EMA
+  too) placed in its shardings, the model config read from the weights and the shift from the scheduler;
+  without a dataset to fine-tune on, the run says so before anything loads."""
   import jax
-  from mmdit_jax import data, model, train
-  rng = np.random.default_rng(0)
-  n = 16
-  data.write_arrays(tmp_path / "latents", {
-      "latent": rng.standard_normal((n, 8, 8, 16)).astype(np.float16),
-      "context": rng.standard_normal((n, 154, 96)).astype(np.float16),
-      "pooled": rng.standard_normal((n, 80)).astype(np.float16)})
-  cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "data.path": str(tmp_path / "latents"),
-                          "total_steps": 1, "checkpoint_every": 1, "eval_every": 0, "debug.log_data_order": False})
-  train.train_and_evaluate(cfg, tmp_path / "run")
+  from mmdit_jax import inputs, model, parallel
+  from mmdit_jax.checkpoint import Checkpointer
+  from mmdit_jax.state import make_optimizer, restore_or_init
+  sd3_dir = sd3_dirs("sd3")
+  cfg = helpers.config(**{"init": f"diffusers:{sd3_dir}", "data.path": "/data/latents"})
   resolved, load = pretrained.resolve(cfg)
-  imported = model.from_diffusers(sd3_dir / "transformer")[1]
   assert resolved.model.depth == 2 and resolved.model.context_dim == 96 and resolved.formulation.shift == 3.0
-  step, state, _ = helpers.final_state(tmp_path / "run", resolved)
-  assert step == 1
-  ema, imp = jax.tree.leaves(state["ema"]), jax.tree.leaves(imported)
-  assert len(ema) == len(imp) == len(jax.tree.leaves(model.abstract_params(resolved.model)))
-  for a, b in zip(ema, imp):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
+  assert resolved.encoders.root == str(sd3_dir)
+  mesh = parallel.make_mesh((2, 4, 1, 1))
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  try:
+    state, start, _ = restore_or_init(resolved, make_optimizer(resolved.optim, 10)[0], mesh, ckpt, init_params=load)
+  finally:
+    ckpt.close()
+  imported = model.from_diffusers(sd3_dir / "transformer")[1]
+  assert start == 0
+  for tree in (state["params"], state["ema"]):
+    leaves = jax.tree.leaves(tree)
+    assert len(leaves) == len(jax.tree.leaves(imported))
+    for a, b in zip(leaves, jax.tree.leaves(imported)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(errors.ConfigError, match="fine-tunes official weights on a dataset: set config.data.path"):
-    train.train_and_evaluate(helpers.config(**{"init": f"diffusers:{sd3_dir}"}), tmp_path / "run2")
+    inputs.dataset_paths(helpers.config(**{"init": f"diffusers:{sd3_dir}"}))
 
 
-def test_export_round_trip(straight, tmp_path):
-  """A trained run exported (EMA) loads in diffusers' SD3Transformer2DModel and gives our forward's output;
+def _run_workdir(path):
+  """A run's workdir (config.json + a checkpoint at step 3) with random, non-zero weights everywhere."""
+  import jax
+  from mmdit_jax import model
+  from mmdit_jax.checkpoint import Checkpointer
+  from mmdit_jax.state import make_optimizer, state_from_params
+  cfg = helpers.config()
+  path.mkdir()
+  (path / "config.json").write_text(cfg.source)
+  tx = make_optimizer(cfg.optim, cfg.total_steps)[0]
+
+  @jax.jit
+  def make(key):
+    params = model.init_unjitted(cfg.model, key)
+    params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(key, x.shape), params)  # (no zero layers)
+    return state_from_params(params, tx)
+  state = make(jax.random.key(0))
+  ckpt = Checkpointer(path / "checkpoints")
+  ckpt.save(3, state, {"iterator": {}})
+  ckpt.close()
+  return state
+
+
+def test_export_round_trip(tmp_path):
+  """A run exported (EMA) loads in diffusers' SD3Transformer2DModel and gives our forward's output;
   imported back through config.init it is the same parameters."""
   import jax
   import jax.numpy as jnp
   from mmdit_jax import export, model
-  workdir, (_, state, _) = straight
+  workdir = tmp_path / "run"
+  state = _run_workdir(workdir)
   out = export.export(workdir, tmp_path / "exported")
   cfg = export.run_config(workdir)
   ref = diffusers.SD3Transformer2DModel.from_pretrained(out).eval()
