@@ -43,6 +43,7 @@ def fsdp_size(topology: str) -> int:
 
 
 def _compile(model: str, res: int, topology: str, remat: str, per_chip: int, timeout_s: int) -> dict:
+  chips = math.prod(int(d) for d in topology.split(":")[-1].split("x"))
   fsdp = fsdp_size(topology)
   code = f"""
 import json, sys
