@@ -167,7 +167,7 @@ def generate_batched(generate, params, cond: dict, null_cond: dict, noise: np.nd
   chunks = []
   for i in range(0, n, batch):
     rows = {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh) for k, v in cond.items()}
-    null = shared or {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh)
+    null = shared if shared is not None else {k: parallel.put_rows(parallel.pad_batch(v[i:i + batch], batch), mesh)
                       for k, v in null_cond.items()}
     z = parallel.put_rows(parallel.pad_batch(noise[i:i + batch], batch), mesh)
     chunks.append(np.asarray(parallel.to_host(generate(params, rows, null, z)))[:min(batch, n - i)])

@@ -7,6 +7,7 @@ the unknown, missing or mis-shaped tensors.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 
@@ -26,30 +27,6 @@ class ConversionError(UserError):
   """A checkpoint that does not fit the model: names the offending tensors."""
 
 
-class LazyTensors(Mapping):
-  """{name: float32 numpy} over safetensors files, each tensor read from disk when indexed (and not kept):
-  a converter that takes tensors one at a time never holds the checkpoint in host memory."""
-
-  def __init__(self, files):
-    self.where = {}
-    for f in files:
-      with safe_open(str(f), framework="flax") as handle:
-        self.where.update({name: str(f) for name in handle.keys()})
-
-  def __getitem__(self, name):
-    with safe_open(self.where[name], framework="flax") as handle:  # the flax reader understands bfloat16
-      return np.asarray(handle.get_tensor(name), dtype=np.float32)
-
-  def __iter__(self):
-    return iter(self.where)
-
-  def __len__(self):
-    return len(self.where)
-
-  def __contains__(self, name):
-    return name in self.where
-
-
 class Derived(Mapping):
   """{name: value computed on access} — a lazy renaming/reshaping of another lazy mapping."""
 
@@ -67,6 +44,21 @@ class Derived(Mapping):
 
   def __contains__(self, name):
     return name in self.thunks
+
+
+def _read_tensor(file: str, name: str) -> np.ndarray:
+  with safe_open(file, framework="flax") as handle:  # the flax reader understands bfloat16
+    return np.asarray(handle.get_tensor(name), dtype=np.float32)
+
+
+def lazy_tensors(files) -> Derived:
+  """{name: float32 numpy} over safetensors files, each tensor read from disk when indexed (and not kept):
+  a converter that takes tensors one at a time never holds the checkpoint in host memory."""
+  thunks = {}
+  for f in files:
+    with safe_open(str(f), framework="flax") as handle:
+      thunks.update({name: functools.partial(_read_tensor, str(f), name) for name in handle.keys()})
+  return Derived(thunks)
 
 
 class Deferred:
@@ -118,7 +110,7 @@ def place(value: Deferred, shape, sharding) -> jax.Array:
 
 def load_safetensors(path, lazy: bool = False) -> tuple[Mapping, dict]:
   """All tensors of a .safetensors file or a directory of them (float32 numpy), plus config.json if any;
-  with lazy, a LazyTensors that reads each tensor when it is used. Remote weights (gs://) are read from
+  with lazy, a mapping that reads each tensor when it is used. Remote weights (gs://) are read from
   their bucket's mount, or copied once into the local cache."""
   if paths.is_remote(path) and not epath.Path(path).is_dir():  # a single file: bring its config.json too
     config = epath.Path(path).parent / "config.json"
@@ -136,7 +128,7 @@ def load_safetensors(path, lazy: bool = False) -> tuple[Mapping, dict]:
     raise ConversionError(f"no .safetensors weights at {path}")
   if lazy:
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return LazyTensors(files), config
+    return lazy_tensors(files), config
   tensors = {}
   for f in files:
     with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
