@@ -9,6 +9,7 @@ the unknown, missing or mis-shaped tensors.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
@@ -18,7 +19,8 @@ from mmdit_jax.encoders.clip import CLIPTextConfig
 from mmdit_jax.encoders.t5 import T5Config
 from mmdit_jax.encoders.vae import VAEConfig
 from mmdit_jax.model import api
-from mmdit_jax.model.weights import ConversionError, check_all_used, fill_params, load_safetensors, need
+from mmdit_jax.model.weights import (ConversionError, Deferred, check_all_used, fill_params, load_safetensors,
+                                     require, select, shape_of)
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -28,31 +30,40 @@ def _torch_name(path) -> str:
   return ".".join([*map(str, mods), _LEAF[leaf]])
 
 
+_KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}  # Linear (O, I) → (I, O); Conv (O, I, kh, kw) → (kh, kw, I, O)
+
+
 def _from_torch(value: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf != "kernel":
-    return value
-  return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)  # Linear (O, I); Conv (O, I, kh, kw)
-
-
-def _get(tensors, name, used):
-  value = need(tensors, name)
-  used.add(name)
-  return value
+  return value.transpose(_KERNEL_AXES[value.ndim]) if leaf == "kernel" else value
 
 
 def _convert(cfg, tensors, torch_name, stacks: dict, shardings=None):
   """Maps every parameter of `cfg` through `torch_name(path)`; a path under a key of `stacks`
-  (prefix → layer count) is the stack of their per-layer tensors, named by `torch_name(path, i)`."""
+  (prefix → layer count) is the stack of their per-layer tensors, named by `torch_name(path, i)`.
+
+  Nothing is read here: each parameter is a Deferred read of its tensors (a stack's shard reads only its
+  layers), placed by fill_params one at a time, so a lazy checkpoint (T5-XXL's 19 GB in float32) is never
+  whole in host memory."""
   used: set[str] = set()
   flat = {}
+
+  def read(name, leaf):
+    require(tensors, name)
+    used.add(name)
+    shape = shape_of(tensors, name)
+    if leaf == "kernel" and len(shape) in _KERNEL_AXES:
+      shape = tuple(shape[a] for a in _KERNEL_AXES[len(shape)])
+    return (lambda: _from_torch(tensors[name], leaf)), shape
+
   for path, _ in nnx.to_flat_state(api.abstract_params(cfg)):
     leaf = path[-1]
     prefix = next((p for p in stacks if path[:len(p)] == p), None)
     if prefix is None:
-      flat[path] = _from_torch(_get(tensors, torch_name(path), used), leaf)
+      thunk, shape = read(torch_name(path), leaf)
+      flat[path] = Deferred(thunk, shape=shape)
     else:
-      flat[path] = np.stack([_from_torch(_get(tensors, torch_name(path, i), used), leaf)
-                             for i in range(stacks[prefix])])
+      parts = [read(torch_name(path, i), leaf) for i in range(stacks[prefix])]
+      flat[path] = Deferred.stack([t for t, _ in parts], layer_shape=parts[0][1])
   check_all_used(tensors, used)
   return fill_params(cfg, flat, shardings)
 
@@ -78,21 +89,21 @@ def _clip_prefix(tensors):
 def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
   config_json = config_json or {}
   p = _clip_prefix(tensors)
-  vocab, width = need(tensors, f"{p}embeddings.token_embedding.weight").shape
+  vocab, width = shape_of(tensors, f"{p}embeddings.token_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
   act = config_json.get("hidden_act") or KNOWN_CLIP.get((width, depth))
   if act is None and "activation" not in overrides:
     raise ConversionError(f"CLIP text width {width}, depth {depth} is not a known checkpoint and no config.json "
                           f"gives hidden_act; pass activation= one of quick_gelu, gelu")
-  proj = tensors.get("text_projection.weight")
+  proj = shape_of(tensors, "text_projection.weight") if "text_projection.weight" in tensors else None
   if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
     raise ConversionError(f"CLIP text width {width}: heads are unknown without config.json (CLIP uses head "
                           "dim 64, which does not divide it); pass num_heads=")
   cfg = dict(vocab_size=vocab, width=width, depth=depth,
              num_heads=int(config_json.get("num_attention_heads", width // 64)),
-             mlp_width=need(tensors, f"{p}encoder.layers.0.mlp.fc1.weight").shape[0],
-             max_tokens=need(tensors, f"{p}embeddings.position_embedding.weight").shape[0],
-             activation=act, projection_dim=None if proj is None else proj.shape[0],
+             mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
+             max_tokens=shape_of(tensors, f"{p}embeddings.position_embedding.weight")[0],
+             activation=act, projection_dim=None if proj is None else proj[0],
              pooled="unprojected" if proj is None else "projected",
              eos_token_id=int(config_json.get("eos_token_id", 49407)),
              eps=float(config_json.get("layer_norm_eps", 1e-5)))
@@ -102,7 +113,7 @@ def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
 
 def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
   p = _clip_prefix(tensors)
-  tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}  # a buffer in old files
+  tensors = select(tensors, lambda k: not k.endswith("position_ids"))  # a buffer in old files
   top = {("token_embedding", "embedding"): f"{p}embeddings.token_embedding.weight",
          ("position_embedding",): f"{p}embeddings.position_embedding.weight",
          ("text_projection", "kernel"): "text_projection.weight"}
@@ -121,7 +132,7 @@ def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
 
 def load_clip(path, shardings_for=None, **overrides):
   """(CLIPTextConfig, params) from a transformers CLIP text checkpoint (file or directory)."""
-  tensors, config_json = load_safetensors(path)
+  tensors, config_json = load_safetensors(path, lazy=True)
   cfg = infer_clip_config(tensors, config_json, **overrides)
   return cfg, convert_clip(tensors, cfg, shardings_for(cfg) if shardings_for else None)
 
@@ -137,32 +148,33 @@ def infer_t5_config(tensors, config_json=None, **overrides) -> T5Config:
   if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in tensors:
     raise ConversionError("a T5 v1.0 checkpoint (ReLU feed-forward 'wi'): only T5 v1.1 (gated GELU, "
                           "'wi_0'/'wi_1') is supported")
-  vocab, width = _shared(tensors).shape
-  buckets, heads = need(tensors, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape
-  inner = need(tensors, "encoder.block.0.layer.0.SelfAttention.q.weight").shape[0]
+  vocab, width = shape_of(tensors, _shared(tensors))
+  buckets, heads = shape_of(tensors, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+  inner = shape_of(tensors, "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
   cfg = dict(vocab_size=vocab, width=width, depth=_layer_ids(tensors, r"encoder\.block\.(\d+)\."),
              num_heads=heads, head_dim=inner // heads,
-             mlp_width=need(tensors, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape[0],
+             mlp_width=shape_of(tensors, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
              num_buckets=buckets, max_distance=int(config_json.get("relative_attention_max_distance", 128)),
              eps=float(config_json.get("layer_norm_epsilon", 1e-6)))
   cfg.update(overrides)
   return T5Config(**cfg)
 
 
-def _shared(tensors):
+def _shared(tensors) -> str:
   for name in ("shared.weight", "encoder.embed_tokens.weight"):
     if name in tensors:
-      return tensors[name]
+      return name
   raise ConversionError("checkpoint lacks the token embedding ('shared.weight' or 'encoder.embed_tokens.weight')")
 
 
 def convert_t5(tensors, cfg: T5Config, shardings=None):
-  tensors = dict(tensors)
   if "shared.weight" in tensors and "encoder.embed_tokens.weight" in tensors:  # tied copies
-    if not np.array_equal(tensors["shared.weight"], tensors["encoder.embed_tokens.weight"]):
+    # (compared by digest: one of the two embedding tables on the host at a time)
+    digest = lambda name: hashlib.sha256(np.ascontiguousarray(tensors[name]).tobytes()).digest()
+    if digest("shared.weight") != digest("encoder.embed_tokens.weight"):
       raise ConversionError("shared.weight and encoder.embed_tokens.weight differ; expected tied embeddings")
-    del tensors["encoder.embed_tokens.weight"]
-  shared = "shared.weight" if "shared.weight" in tensors else "encoder.embed_tokens.weight"
+    tensors = select(tensors, lambda k: k != "encoder.embed_tokens.weight")
+  shared = _shared(tensors)
   top = {("shared", "embedding"): shared,
          ("relative_attention_bias", "embedding"):
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -180,8 +192,8 @@ def convert_t5(tensors, cfg: T5Config, shardings=None):
 def load_t5(path, shardings_for=None, **overrides):
   """(T5Config, params) from a transformers T5EncoderModel (or full T5) checkpoint; the decoder of a
   full T5 checkpoint is ignored."""
-  tensors, config_json = load_safetensors(path)
-  tensors = {k: v for k, v in tensors.items() if not k.startswith(("decoder.", "lm_head."))}
+  tensors, config_json = load_safetensors(path, lazy=True)
+  tensors = select(tensors, lambda k: not k.startswith(("decoder.", "lm_head.")))
   cfg = infer_t5_config(tensors, config_json, **overrides)
   return cfg, convert_t5(tensors, cfg, shardings_for(cfg) if shardings_for else None)
 
@@ -191,10 +203,10 @@ def load_t5(path, shardings_for=None, **overrides):
 def infer_vae_config(tensors, config_json=None, **overrides) -> VAEConfig:
   config_json = config_json or {}
   n_blocks = _layer_ids(tensors, r"encoder\.down_blocks\.(\d+)\.")
-  channels = tuple(int(need(tensors, f"encoder.down_blocks.{i}.resnets.0.conv2.weight").shape[0])
+  channels = tuple(int(shape_of(tensors, f"encoder.down_blocks.{i}.resnets.0.conv2.weight")[0])
                    for i in range(n_blocks))
-  latent = need(tensors, "encoder.conv_out.weight").shape[0] // 2
-  cfg = dict(in_channels=need(tensors, "encoder.conv_in.weight").shape[1], latent_channels=latent,
+  latent = shape_of(tensors, "encoder.conv_out.weight")[0] // 2
+  cfg = dict(in_channels=shape_of(tensors, "encoder.conv_in.weight")[1], latent_channels=latent,
              block_out_channels=channels,
              layers_per_block=_layer_ids(tensors, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
              norm_groups=int(config_json.get("norm_num_groups", 32)),
@@ -220,6 +232,6 @@ def convert_vae(tensors, cfg: VAEConfig, shardings=None):
 
 def load_vae(path, shardings_for=None, **overrides):
   """(VAEConfig, params) from a diffusers AutoencoderKL checkpoint (file or directory)."""
-  tensors, config_json = load_safetensors(path)
+  tensors, config_json = load_safetensors(path, lazy=True)
   cfg = infer_vae_config(tensors, config_json, **overrides)
   return cfg, convert_vae(tensors, cfg, shardings_for(cfg) if shardings_for else None)

@@ -28,10 +28,11 @@ class ConversionError(UserError):
 
 
 class Derived(Mapping):
-  """{name: value computed on access} — a lazy renaming/reshaping of another lazy mapping."""
+  """{name: value computed on access} — a lazy renaming/reshaping of another lazy mapping. `shapes`, when
+  known ({name: shape}, from the file's header), answer `shape_of` without reading a tensor."""
 
-  def __init__(self, thunks: dict):
-    self.thunks = thunks
+  def __init__(self, thunks: dict, shapes: dict | None = None):
+    self.thunks, self.shapes = thunks, shapes or {}
 
   def __getitem__(self, name):
     return self.thunks[name]()
@@ -48,32 +49,52 @@ class Derived(Mapping):
 
 def _read_tensor(file: str, name: str) -> np.ndarray:
   with safe_open(file, framework="flax") as handle:  # the flax reader understands bfloat16
-    return np.asarray(handle.get_tensor(name), dtype=np.float32)
+    return np.array(handle.get_tensor(name), dtype=np.float32)  # (a host copy: the reader's buffer goes)
 
 
 def lazy_tensors(files) -> Derived:
   """{name: float32 numpy} over safetensors files, each tensor read from disk when indexed (and not kept):
   a converter that takes tensors one at a time never holds the checkpoint in host memory."""
-  thunks = {}
+  thunks, shapes = {}, {}
   for f in files:
     with safe_open(str(f), framework="flax") as handle:
-      thunks.update({name: functools.partial(_read_tensor, str(f), name) for name in handle.keys()})
-  return Derived(thunks)
+      for name in handle.keys():
+        thunks[name] = functools.partial(_read_tensor, str(f), name)
+        shapes[name] = tuple(handle.get_slice(name).get_shape())
+  return Derived(thunks, shapes)
+
+
+def shape_of(tensors, name) -> tuple:
+  """tensors[name].shape, from the file header where the mapping is lazy (nothing is read)."""
+  require(tensors, name)
+  if isinstance(tensors, Derived) and name in tensors.shapes:
+    return tensors.shapes[name]
+  return tuple(np.shape(tensors[name]))
+
+
+def select(tensors, keep) -> Mapping:
+  """The tensors whose names pass `keep`, still lazy if `tensors` is (nothing is read)."""
+  if isinstance(tensors, Derived):
+    names = [k for k in tensors.thunks if keep(k)]
+    return Derived({k: tensors.thunks[k] for k in names}, {k: tensors.shapes[k] for k in names if k in tensors.shapes})
+  return {k: v for k, v in tensors.items() if keep(k)}
 
 
 class Deferred:
   """A parameter read when it is placed: `load()` gives the whole array; `Deferred.stack(parts)` is a
   scanned stack of per-layer parts, of which each shard reads only its own layers."""
 
-  def __init__(self, load, layers=None):
-    self.load_all, self.layers = load, layers
+  def __init__(self, load, layers=None, shape=None):
+    self.load_all, self.layers, self.known_shape = load, layers, shape
 
   @classmethod
-  def stack(cls, parts):
-    return cls(None, layers=parts)
+  def stack(cls, parts, layer_shape=None):
+    return cls(None, layers=parts, shape=None if layer_shape is None else (len(parts), *layer_shape))
 
   @property
   def shape(self):
+    if self.known_shape is not None:
+      return self.known_shape
     if self.layers is None:
       return np.shape(self.load_all())
     return (len(self.layers),) + np.shape(self.layers[0]())
@@ -133,7 +154,7 @@ def load_safetensors(path, lazy: bool = False) -> tuple[Mapping, dict]:
   for f in files:
     with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
       for name in handle.keys():
-        tensors[name] = np.asarray(handle.get_tensor(name), dtype=np.float32)
+        tensors[name] = np.array(handle.get_tensor(name), dtype=np.float32)  # (a host copy: the reader's buffer goes)
   config = json.loads(config_path.read_text()) if config_path.is_file() else {}
   return tensors, config
 
