@@ -95,6 +95,7 @@ class SampleConfig:
   skip_scale: float = 2.8  # out += skip_scale · (cond − cond with skip_layers skipped), under guidance only
   skip_interval: tuple[float, float] = (0.01, 0.2)  # active for steps i with start·N < i < stop·N
   noise: str = ""  # .npy of initial noise (N, h, w, C) for --mode=sample (else drawn from seed)
+  save_arrays: bool = False  # --mode=sample also writes images.npy (float32 in [0, 1], before PNG rounding)
   height: int = 0  # --mode=sample image size in pixels (0: the model's sample size); multiples of 16
   width: int = 0
 
@@ -145,9 +146,13 @@ class EncodersConfig:
   no_t5: bool = False  # zeros in T5's place (SD3 §5.3.2)
   t5_tokens: int = 256  # T5 sequence length when these encoders are given (diffusers' default 256; SD3 trained
   # on 77); a dataset's recorded encoders use the length it was precomputed with
+  t5_truncate: bool = True  # False: SD3's reference code — T5 gets the prompt's first 226 characters, not cut,
+  # padded to at least t5_tokens (set 77), so a long prompt has a longer context
+  clip_skip: int = 0  # as diffusers' pipeline: CLIP states k layers before the penultimate (0: SD3's own)
 
   def __post_init__(self):
     _check("encoders.t5_tokens", self.t5_tokens >= 1, f"must be >= 1, got {self.t5_tokens}")
+    _check("encoders.clip_skip", self.clip_skip >= 0, f"must be >= 0, got {self.clip_skip}")
 
   def get(self, key, default=None):  # the mapping view encoders.sd3.EncoderPaths.from_config reads
     return getattr(self, key, default)

@@ -85,6 +85,7 @@ def encoders_config() -> ml_collections.ConfigDict:
   for role in ("clip_l", "clip_g", "t5"):
     e[f"{role}_tokenizer"] = ""
   e.no_t5 = False  # inference without T5: zeros in its place (SD3 §5.3.2)
+  e.clip_skip = 0  # as diffusers' pipeline: CLIP states k layers before the penultimate (0: SD3's own)
   return e
 
 
@@ -152,6 +153,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sample.skip_scale = 2.8  # its scale (diffusers' and SD3.5's default)
   c.sample.skip_interval = (0.01, 0.2)  # active for steps i with start·N < i < stop·N
   c.sample.noise = ""  # --mode=sample: .npy of initial noise (N, h, w, C); else drawn from the seeds
+  c.sample.save_arrays = False  # --mode=sample: also images.npy, float32 in [0, 1] before PNG rounding
   c.sample.height = 0  # --mode=sample: image size in pixels, multiples of 16 (0: the model's sample size)
   c.sample.width = 0
 
@@ -163,6 +165,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
 
   c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
   c.encoders.t5_tokens = 256  # T5 length with these encoders (diffusers' default; 77 as SD3 trained)
+  c.encoders.t5_truncate = True  # False: SD3's reference — the prompt's first 226 characters, padded to ≥ t5_tokens
 
   c.debug = ml_collections.ConfigDict()
   c.debug.halt_at_step = 0  # checkpoint and exit at this step as if preempted (0: off; tests, debugging)

@@ -181,7 +181,10 @@ def _fingerprint(source_id: str, c) -> str:
   fields = ("resolution", "buckets", "t5_tokens", "encoder_dtype", "storage_dtype", "sample_latents", "seed",
             "examples_per_shard", "image_key", "caption_key", "label_key")
   h.update(json.dumps({k: c[k] for k in fields}, default=list, sort_keys=True).encode())
-  h.update(json.dumps(c.encoders.to_dict(), sort_keys=True).encode())
+  encoders = c.encoders.to_dict()
+  if not encoders.get("clip_skip"):  # (a default added later: datasets started before it still resume)
+    encoders.pop("clip_skip", None)
+  h.update(json.dumps(encoders, sort_keys=True).encode())
   return h.hexdigest()
 
 
@@ -290,7 +293,8 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
   rules = tuple(tuple(r) for r in c.sharding_rules)
   autoencoder = sd3.Autoencoder(paths.vae, mesh, rules, dtype=c.encoder_dtype)
   _check_config(c, autoencoder.cfg.downsample)
-  text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, rules, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype)
+  text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, rules, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype,
+                                                        clip_skip=c.encoders.get("clip_skip", 0))
   dtype = np.dtype(jax.numpy.bfloat16) if c.storage_dtype == "bfloat16" else np.dtype(c.storage_dtype)
 
   mine = [i for i in range(len(shards)) if i % count == index]
@@ -354,6 +358,7 @@ def _finalize(out, c, shards, autoencoder, text, dtype):
     extras["encoders"].update(text.describe())
     extras["text_encoders"] = text.text_encoder_slices()
     extras["t5_tokens"] = c.t5_tokens
+    extras["clip_skip"] = text.clip_skip
   meta = writer.finalize(out, _features(example, bool(c.buckets)),
                          [(_shard_name(i), d["count"]) for i, d in enumerate(done)], extras, null,
                          shapes if c.buckets else None)

@@ -27,11 +27,13 @@ from mmdit_jax.state import restore_for_eval
 
 
 def _recorded_paths(cfg: TrainConfig):
-  """(EncoderPaths, t5 tokens) from config.encoders, else from the paths the precompute job recorded in
-  the dataset's metadata; None when neither names them."""
+  """(EncoderPaths, text-encoder options) from config.encoders, else from what the precompute job recorded
+  in the dataset's metadata (the encoders' paths, T5 length and clip_skip); None when neither names them."""
   from mmdit_jax.encoders import sd3
-  if cfg.encoders.given:
-    return sd3.EncoderPaths.from_config(cfg.encoders), cfg.encoders.t5_tokens
+  e = cfg.encoders
+  if e.given:
+    return sd3.EncoderPaths.from_config(e), dict(t5_tokens=e.t5_tokens, t5_truncate=e.t5_truncate,
+                                                 clip_skip=e.clip_skip)
   if not cfg.data.path or cfg.data.path.startswith("tfds:"):
     return None
   meta = data.load_metadata(cfg.data.path)
@@ -44,7 +46,8 @@ def _recorded_paths(cfg: TrainConfig):
       **{f"{r}_tokenizer": get(r, "tokenizer") for r in ("clip_l", "clip_g", "t5")})
   if cfg.encoders.no_t5:
     paths = dataclasses.replace(paths, t5="", t5_tokenizer="")
-  return paths, int(meta.extras.get("t5_tokens", 77))
+  return paths, dict(t5_tokens=int(meta.extras.get("t5_tokens", 77)), t5_truncate=e.t5_truncate,
+                     clip_skip=int(meta.extras.get("clip_skip", 0)))
 
 
 def autoencoder_for(cfg: TrainConfig, mesh):
@@ -61,8 +64,8 @@ def sd3_encoders(cfg: TrainConfig, mesh):
   if found is None or not found[0].clip_l:
     raise UserError(f"{cfg.data.path or 'the dataset'} does not record SD3 encoders: set config.encoders.root to "
                     "a diffusers SD3 checkpoint, or pass --embeddings=FILE.npz")
-  paths, t5_tokens = found
-  text = sd3.SD3TextEncoder(paths, mesh, cfg.sharding_rules, t5_tokens=t5_tokens, context_dim=cfg.model.context_dim)
+  paths, options = found
+  text = sd3.SD3TextEncoder(paths, mesh, cfg.sharding_rules, context_dim=cfg.model.context_dim, **options)
   if text.pooled_dim != cfg.model.pooled_dim:
     raise UserError(f"the encoders give pooled width {text.pooled_dim}; config.model.pooled_dim is "
                     f"{cfg.model.pooled_dim}")
@@ -149,15 +152,17 @@ def _noise(cfg: TrainConfig, requests, shape) -> np.ndarray:
 
 
 def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
-  """(cond, null_cond, null per sample?, latent shape, names, autoencoder) for the requested samples."""
+  """(groups, latent shape, names, autoencoder) for the requested samples; each group is (indices, cond,
+  null_cond, null per sample?) — one group, except that prompts whose T5 lengths differ (encoders.t5_truncate
+  False, SD3's reference tokenisation) cannot share a batch: a group per length."""
   autoencoder = None
   if embeddings:
     with epath.Path(embeddings).open("rb") as f, np.load(f) as e:
       cond = {"context": e["context"], "pooled": e["pooled"]}
       null = {"context": e["null_context"], "pooled": e["null_pooled"]}
       shape = tuple(int(x) for x in e["latent_shape"])
-    return (cond, cfg.model.null_cond(null), False, shape, [f"embedding {i}" for i in range(len(cond["context"]))],
-            None)
+    n = len(cond["context"])
+    return [(np.arange(n), cond, cfg.model.null_cond(null), False)], shape, [f"embedding {i}" for i in range(n)], None
   if "label" in cfg.model.cond_features:
     if not labels:
       raise UserError("a class-conditional model samples from --labels=0,1,… (not --prompt)")
@@ -169,16 +174,16 @@ def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
              for l in labels]
     if not inputs.pixel_space(cfg):
       autoencoder = autoencoder_for(cfg, mesh)
-    return {"label": np.asarray(labels, np.int32)}, cfg.model.null_cond(), False, shape, names, autoencoder
+    cond = {"label": np.asarray(labels, np.int32)}
+    return [(np.arange(len(labels)), cond, cfg.model.null_cond(), False)], shape, names, autoencoder
   if labels:
     raise UserError(f"{type(cfg.model).__name__} is text-conditioned: pass --prompt, not --labels")
   if not requests:
     raise UserError("--mode=sample needs --prompt, --prompts_file, --labels or --embeddings")
-  prompts = [r.prompt for r in requests]
-  negatives = [r.negative_prompt for r in requests]
-  per_sample = any(negatives)  # else one shared unconditional branch: the empty prompt
+  per_sample = any(r.negative_prompt for r in requests)  # else one shared unconditional branch: ""
   if inputs.is_demo(cfg):
     encoder = demo.DemoTextEncoder()
+    length = lambda r: 0
 
     def encode(texts):
       enc = [encoder(t) for t in texts]
@@ -186,10 +191,18 @@ def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
   else:
     text, autoencoder = sd3_encoders(cfg, mesh)
     encode = lambda texts: dict(zip(("context", "pooled"), text(texts)))
+    length = lambda r: max(text.t5_length(r.prompt), text.t5_length(r.negative_prompt))
   shape = image_shape(cfg, inputs.pixel_space(cfg))
-  cond = encode(prompts)
-  null = encode(negatives) if per_sample else {k: v[0] for k, v in encode([""]).items()}
-  return cond, cfg.model.null_cond(null), per_sample, shape, prompts, autoencoder
+  by_length: dict[int, list[int]] = {}
+  for i, r in enumerate(requests):
+    by_length.setdefault(length(r), []).append(i)
+  groups = []
+  for indices in by_length.values():
+    cond = encode([requests[i].prompt for i in indices])
+    null = (encode([requests[i].negative_prompt for i in indices]) if per_sample else
+            {k: v[0] for k, v in encode([""]).items()})
+    groups.append((np.asarray(indices), cond, cfg.model.null_cond(null), per_sample))
+  return groups, shape, [r.prompt for r in requests], autoencoder
 
 
 def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = None, labels=()) -> list:
@@ -200,25 +213,31 @@ def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = N
   cfg, imported = pretrained.resolve(cfg)  # config.init: official weights, their encoders and shift
   mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-    cond, null, per_sample, shape, names, autoencoder = _conditioning(
-        cfg, mesh, requests, list(labels), embeddings)
+    groups, shape, names, autoencoder = _conditioning(cfg, mesh, requests, list(labels), embeddings)
     state, step = restore_for_eval(cfg, workdir, mesh, imported)
     requests = requests or [Request(name) for name in names]
     noise = _noise(cfg, requests, shape)
     generate = jax.jit(evaluate.make_generate(cfg))
-    null = {k: np.asarray(v) for k, v in null.items()}
-    latents = evaluate.generate_batched(generate, state["ema"], cond, null, noise, len(names), mesh, per_sample)
+    latents = np.zeros(noise.shape, np.float32)
+    for indices, cond, null, per_sample in groups:  # (one group unless T5 lengths differ)
+      null = {k: np.asarray(v) for k, v in null.items()}
+      latents[indices] = evaluate.generate_batched(generate, state["ema"], cond, null, noise[indices], len(indices),
+                                                   mesh, per_sample)
   out_dir = workdir / "generated"
   out_dir.mkdir(parents=True, exist_ok=True)
   if autoencoder is not None:
-    images, scale = evaluate.to_uint8(autoencoder.decode(latents)), 1
+    decoded, scale = autoencoder.decode(latents), 1
   elif inputs.pixel_space(cfg) and shape[-1] == 3:  # pixel-space data (the demos): samples are images
-    images, scale = evaluate.to_uint8(latents), max(1, 128 // shape[0])
+    decoded, scale = latents, max(1, 128 // shape[0])
   else:
     with (out_dir / "latents.npy").open("wb") as f:
       np.save(f, latents)
     log(f"wrote {len(names)} latents to {out_dir / 'latents.npy'} (no VAE known: decode them with yours)")
     return [out_dir / "latents.npy"]
+  images = evaluate.to_uint8(decoded)
+  if cfg.sample.save_arrays:  # unrounded, as diffusers' output_type="np": (x + 1) / 2 clipped to [0, 1]
+    with (out_dir / "images.npy").open("wb") as f:
+      np.save(f, np.clip((np.asarray(decoded, np.float32) + 1) / 2, 0, 1))
   paths, records = [], []
   for i, (name, img) in enumerate(zip(names, images)):
     path = out_dir / f"{i:03d}_{_slug(name)}.png"

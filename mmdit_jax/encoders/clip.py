@@ -122,17 +122,25 @@ class CLIPText(nnx.Module):
     self.text_projection = (None if cfg.projection_dim is None else dense(
         cfg.width, cfg.projection_dim, ("embed", None), rngs, bias=False))
 
-  def __call__(self, ids):
-    """ids (B, T) int → (penultimate hidden states (B, T, D), pooled (B, pooled_dim)), float32."""
+  def __call__(self, ids, clip_skip: int = 0):
+    """ids (B, T) int → (penultimate hidden states (B, T, D), pooled (B, pooled_dim)), float32.
+
+    clip_skip = k takes the states k layers before the penultimate instead (diffusers' SD3 pipeline:
+    hidden_states[−(k + 2)]; k = depth − 1 is the embeddings); the pooled vector is unchanged."""
     cfg = self.cfg
     b, n = ids.shape
     if n > cfg.max_tokens:
       raise ValueError(f"{n} tokens exceed the CLIP position table ({cfg.max_tokens})")
+    if not 0 <= clip_skip < cfg.depth:
+      raise ValueError(f"clip_skip={clip_skip}: this CLIP has {cfg.depth} layers, so 0..{cfg.depth - 1}")
     x = self.token_embedding(ids) + self.position_embedding[...][:n]  # (B, T, D)
     x = constrain(x.astype(get_dtype(cfg.dtype)), "act_batch", "act_seq", "act_embed")
     causal = jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf)[None, None]  # (1, 1, T, T)
-    hidden, _ = self.layers(x, causal)
+    hidden, every = self.layers(x, causal, collect=clip_skip > 0)  # every: (depth − 1, B, T, D) layer outputs
     last = self.final_layer_norm(self.last_layer(hidden, causal))
+    if clip_skip:
+      index = cfg.depth - 2 - clip_skip
+      hidden = x if index < 0 else every[index]
     eos = jnp.argmax(ids, -1) if cfg.eos_token_id == 2 else jnp.argmax(ids == cfg.eos_token_id, -1)
     pooled = last[jnp.arange(b), eos].astype(jnp.float32)  # (B, D)
     if cfg.pooled == "projected":

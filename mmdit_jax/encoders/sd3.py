@@ -28,6 +28,7 @@ from mmdit_jax.model import api
 SD3_LAYOUT = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
               "t5": ("text_encoder_3", "tokenizer_3"), "vae": ("vae", None)}
 CLIP_TOKENS = 77
+REFERENCE_T5_CHARS = 226  # SD3's reference code gives T5 the prompt's first 226 characters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +81,11 @@ def _shardings_for(mesh, rules):
   return lambda cfg: api.param_shardings(cfg, mesh, rules)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _encode_text(cfg_l, cfg_g, cfg_t5, d, t5_tokens, params, ids_l, ids_g, ids_t5):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _encode_text(cfg_l, cfg_g, cfg_t5, d, t5_tokens, clip_skip, params, ids_l, ids_g, ids_t5):
   """Token ids → (context (B, 77 + t5_tokens, d), pooled); compiled once per encoder configs and shapes."""
-  h_l, p_l = api.apply(cfg_l, params["clip_l"], ids_l)
-  h_g, p_g = api.apply(cfg_g, params["clip_g"], ids_g)
+  h_l, p_l = api.apply(cfg_l, params["clip_l"], ids_l, clip_skip=clip_skip)
+  h_g, p_g = api.apply(cfg_g, params["clip_g"], ids_g, clip_skip=clip_skip)
   clip = jnp.concatenate([h_l, h_g], -1)  # (B, 77, D_l + D_g)
   clip = jnp.pad(clip, ((0, 0), (0, 0), (0, d - clip.shape[-1])))
   if cfg_t5 is not None:
@@ -119,10 +120,16 @@ def _check_identity_projection(params, path):
 
 
 class SD3TextEncoder:
-  """Prompts → SD3 (context (B, 77 + t5_tokens, D), pooled (B, P)) with CLIP-L, bigG and T5 on a mesh."""
+  """Prompts → SD3 (context (B, 77 + t5_tokens, D), pooled (B, P)) with CLIP-L, bigG and T5 on a mesh.
+
+  t5_truncate=False is SD3's reference tokenisation of T5 (sd3_infer / other_impls.T5XXLTokenizer): the
+  prompt's first 226 characters, not truncated, padded to at least t5_tokens (77 there), so a long prompt
+  gets a longer context; `t5_length(prompt)` says how long. clip_skip as diffusers' pipeline (both CLIPs).
+  """
 
   def __init__(self, paths: EncoderPaths, mesh, rules=parallel.DEFAULT_RULES, *, t5_tokens: int = 77,
-               dtype: str = "float32", context_dim: int | None = None):
+               dtype: str = "float32", context_dim: int | None = None, clip_skip: int = 0,
+               t5_truncate: bool = True):
     shard = _shardings_for(mesh, rules)
     self.mesh = mesh
     self.cfg_l, params_l = convert.load_clip(paths.clip_l, shard, pooled="unprojected", dtype=dtype)
@@ -135,7 +142,10 @@ class SD3TextEncoder:
     if paths.t5:
       self.cfg_t5, self.params["t5"] = convert.load_t5(paths.t5, shard, dtype=dtype)
       self.tok_t5 = Tokenizer(paths.t5_tokenizer, t5_tokens)
-    self.t5_tokens = t5_tokens
+    self.t5_tokens, self.t5_truncate, self.clip_skip = t5_tokens, t5_truncate, clip_skip
+    if not 0 <= clip_skip < min(self.cfg_l.depth, self.cfg_g.depth):
+      raise UserError(f"clip_skip={clip_skip}: the CLIP encoders have {self.cfg_l.depth} and {self.cfg_g.depth} "
+                      f"layers, so 0..{min(self.cfg_l.depth, self.cfg_g.depth) - 1}")
     clip_width = self.cfg_l.width + self.cfg_g.width
     natural = max(clip_width, self.cfg_t5.width) if self.cfg_t5 else None
     self.context_dim = context_dim or natural
@@ -147,13 +157,28 @@ class SD3TextEncoder:
     self.pooled_dim = self.cfg_l.pooled_dim + self.cfg_g.pooled_dim
     self.paths = paths
 
+  def _t5_text(self, prompt: str) -> str:
+    return prompt if self.t5_truncate else prompt[:REFERENCE_T5_CHARS]
+
+  def t5_length(self, prompt: str) -> int:
+    """T5's token count for `prompt`: t5_tokens, or without truncation max(t5_tokens, its token count)."""
+    if self.t5_truncate or self.cfg_t5 is None:
+      return self.t5_tokens
+    return max(self.t5_tokens, self.tok_t5.count(self._t5_text(prompt)))
+
   def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
-    """float32 numpy (context, pooled) for a list of prompts."""
+    """float32 numpy (context, pooled) for a list of prompts (without T5 truncation: of one t5_length)."""
     prompts = list(prompts)
+    lengths = sorted({self.t5_length(p) for p in prompts})
+    if len(lengths) > 1:
+      raise ValueError(f"prompts of T5 lengths {lengths} cannot share a batch: encode each length's prompts "
+                       "apart (t5_length)")
+    n_t5 = lengths[0] if lengths else self.t5_tokens
     ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
-    ids_t5 = self.tok_t5(prompts) if self.cfg_t5 is not None else np.zeros((len(prompts), 1), np.int32)
+    ids_t5 = (self.tok_t5([self._t5_text(p) for p in prompts], n_t5) if self.cfg_t5 is not None
+              else np.zeros((len(prompts), 1), np.int32))
     with jax.set_mesh(self.mesh):
-      context, pooled = _encode_text(self.cfg_l, self.cfg_g, self.cfg_t5, self.context_dim, self.t5_tokens,
+      context, pooled = _encode_text(self.cfg_l, self.cfg_g, self.cfg_t5, self.context_dim, n_t5, self.clip_skip,
                                      self.params, *(parallel.put_rows(i, self.mesh) for i in (ids_l, ids_g, ids_t5)))
     n = len(prompts)
     return np.asarray(context)[:n], np.asarray(pooled)[:n]

@@ -28,8 +28,13 @@ class Tokenizer:
     local = paths.local_copy(path, paths.cache_dir())  # a gs:// tokenizer: its mount, or a local copy
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
-  def __call__(self, texts) -> np.ndarray:
+  def __call__(self, texts, length: int | None = None) -> np.ndarray:
+    """(B, length) ids, each text padded to `length` (default max_length) and cut there."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    out = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+    out = self.tokenizer(texts, padding="max_length", max_length=length or self.max_length, truncation=True,
                          return_tensors="np")
     return np.asarray(out["input_ids"], np.int32)
+
+  def count(self, text: str) -> int:
+    """The number of ids `text` takes untruncated (special tokens included)."""
+    return len(self.tokenizer(text)["input_ids"])

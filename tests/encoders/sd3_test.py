@@ -58,3 +58,46 @@ def test_sd3_conditioning_layout(sd3_root):
   assert slices["clip_g"]["pooled"] == [32, 80] and "pooled" not in slices["t5"]
   with pytest.raises(ValueError, match="encoder paths missing"):
     sd3.EncoderPaths.from_config(ml_collections.ConfigDict({"clip_l": str(sd3_root / "text_encoder")}))
+
+
+def test_clip_skip_and_the_reference_t5_tokenisation(sd3_root):
+  """clip_skip = k takes transformers' hidden_states[−(k + 2)] of both CLIPs (diffusers' pipeline);
+  t5_truncate=False is SD3's reference code: T5 sees the prompt's first 226 characters uncut, padded to at
+  least 77 tokens, so a long prompt's context is longer — and each length is its own batch."""
+  import torch
+  import transformers
+  paths = sd3.EncoderPaths.from_config(ml_collections.ConfigDict({"root": str(sd3_root)}))
+  mesh = parallel.make_mesh((2, 1, 1, 4))
+  prompts = ["a red circle", "a blue square at the top left"]
+  enc = sd3.SD3TextEncoder(paths, mesh, clip_skip=1)
+  context, pooled = enc(prompts)
+  base_context, base_pooled = sd3.SD3TextEncoder(paths, mesh)(prompts)
+  with torch.no_grad():
+    for name, channels in (("text_encoder", slice(0, 32)), ("text_encoder_2", slice(32, 80))):
+      ref = transformers.CLIPTextModelWithProjection.from_pretrained(sd3_root / name).eval()
+      ids = enc.tok_l(prompts) if name == "text_encoder" else enc.tok_g(prompts)
+      states = ref(torch.tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
+      np.testing.assert_allclose(context[:, :77, channels], states[-3].numpy(), rtol=1e-4, atol=1e-5)
+      assert np.abs(states[-3].numpy() - states[-2].numpy()).max() > 1e-2  # (a different layer indeed)
+  np.testing.assert_allclose(pooled, base_pooled, rtol=1e-5, atol=1e-6)  # the pooled vector is unchanged
+  np.testing.assert_allclose(context[:, 77:], base_context[:, 77:], rtol=1e-5, atol=1e-6)
+  with pytest.raises(UserError, match="clip_skip=9"):
+    sd3.SD3TextEncoder(paths, mesh, clip_skip=9)
+
+  ref_enc = sd3.SD3TextEncoder(paths, mesh, t5_tokens=77, t5_truncate=False)
+  long = " ".join(["red circle blue square green triangle"] * 8)  # 295 characters
+  assert ref_enc.t5_length(prompts[0]) == 77
+  n = ref_enc.t5_length(long)
+  t5_tok = transformers.AutoTokenizer.from_pretrained(sd3_root / "tokenizer_3")
+  ids = t5_tok(long[:226])["input_ids"]
+  assert n == len(ids) > 77 and len(t5_tok(long)["input_ids"]) > n  # cut at 226 characters, not at 77 tokens
+  context, _ = ref_enc([long])
+  assert context.shape == (1, 77 + n, 80)
+  t5 = transformers.T5EncoderModel.from_pretrained(sd3_root / "text_encoder_3").eval()
+  with torch.no_grad():
+    want = t5(torch.tensor([ids])).last_hidden_state.numpy()
+  np.testing.assert_allclose(context[0, 77:, :want.shape[-1]], want[0], rtol=1e-4, atol=1e-5)
+  short, _ = ref_enc(prompts)
+  np.testing.assert_allclose(short, sd3.SD3TextEncoder(paths, mesh, t5_tokens=77)(prompts)[0], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="cannot share a batch"):
+    ref_enc([long, prompts[0]])
