@@ -1,7 +1,10 @@
 """SD3's recipe: MM-DiT trained with rectified flow and logit-normal(0, 1) timesteps.
 
 Preset arguments: size (tiny | demo | 2b | 8b), data (dataset path), steps, res (pixels: the images' size
-and SD3's timestep shift for it; 2b/8b default to SD3's 256² pretraining), batch (global batch size).
+and SD3's timestep shift for it; 2b/8b default to SD3's 256² pretraining), batch (global batch size),
+sampling (the inference settings of SD3's / SD3.5's reference code or diffusers' pipeline, by name:
+defaults.REFERENCE_SAMPLING — sd3_medium, sd3.5_medium, sd3.5_medium_slg, sd3.5_large, sd3.5_large_turbo,
+diffusers).
 
 Launch commands:
   # The embedded demo dataset on a CPU (a few minutes; the README's main command):
@@ -15,6 +18,9 @@ Launch commands:
   # Does it fit, and what will a step cost? Compile for a TPU topology from a CPU machine:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=2b,res=1024,batch=64 --mode=compile \
       --topology=v5p:4x4x4 --workdir=/tmp/compile_2b
+  # Official SD3.5 Medium weights, sampled as SD3.5's reference code does (DPM++ 2M, 50 steps, 1024²):
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py:sampling=sd3.5_medium --mode=sample \
+      --config.init=diffusers:/ckpt/stable-diffusion-3.5-medium --prompt="a red fox" --workdir=/tmp/fox
   # Another formulation of the paper's study, another mesh:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py --config.formulation="eps/linear" \
       --config.mesh.ici.data=2 --config.mesh.ici.fsdp=-1 --workdir=…
@@ -42,7 +48,7 @@ SD3_SHIFT = {1024: 3.0}  # SD3 §5.3.2 chose α = 3.0 at 1024²; other resolutio
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, size="tiny", data="", steps=0, res=0, batch=0)
+  args = defaults.parse_arg(arg, size="tiny", data="", steps=0, res=0, batch=0, sampling="")
   if args.size not in PRESETS:
     raise defaults.ConfigError(f"unknown size {args.size!r}; valid: {sorted(PRESETS)}")
   p = PRESETS[args.size]
@@ -68,4 +74,6 @@ def get_config(arg=None):
       raise defaults.ConfigError(f"res={res} is not a multiple of 16 (VAE factor 8 × patch 2)")
     c.data.resolution = res
     c.shift = SD3_SHIFT.get(res, max(1.0, resolution_shift(res ** 2)))
+  if args.sampling:
+    defaults.reference_sampling(c, args.sampling)
   return c

@@ -89,6 +89,7 @@ class SampleConfig:
   percentile: float = 0.995
   seed: int = 0
   schedule: str = "auto"  # auto | reference | uniform | log_snr (see SAMPLE_SCHEDULES)
+  shift: float = 0.0  # the grid's resolution shift; 0: the formulation's (with config.init, the scheduler's)
   train_timesteps: int = 1000  # the reference grid's σ_min = shift(1 / train_timesteps) (SD3: 1000)
   timesteps: tuple[float, ...] = ()  # an explicit grid of steps + 1 decreasing times ending at 0 (overrides)
   skip_layers: tuple[int, ...] = ()  # SD3.5's skip-layer guidance: MM-DiT layers skipped (SD3.5 Medium: 7, 8, 9)
@@ -102,6 +103,7 @@ class SampleConfig:
   def __post_init__(self):
     samplers = flow.samplers
     _check("sample.schedule", self.schedule in SAMPLE_SCHEDULES, f"{self.schedule!r}; valid: {list(SAMPLE_SCHEDULES)}")
+    _check("sample.shift", self.shift >= 0, f"must be > 0 (or 0: the formulation's), got {self.shift}")
     _check("sample.train_timesteps", self.train_timesteps >= 1, f"must be >= 1, got {self.train_timesteps}")
     _check("sample.skip_interval", len(self.skip_interval) == 2, f"is (start, stop), got {self.skip_interval}")
     object.__setattr__(self, "skip_layers", tuple(int(i) for i in self.skip_layers))

@@ -89,6 +89,33 @@ def encoders_config() -> ml_collections.ConfigDict:
   return e
 
 
+# Inference settings of SD3's and SD3.5's reference code (Stability-AI/sd3.5, sd3_infer.py CONFIGS; its
+# images are 1024²), and of diffusers' StableDiffusion3Pipeline with its default scheduler. `*_slg` is the
+# reference run with --skip_layer_cfg: SD3.5 Medium's skip-layer guidance (layers 7-9, scale 2.5, steps in
+# (1 %, 20 %) of the run). The reference's own guidance for that case (its config says 4.0) is assigned to a
+# variable it then does not use, so its images are made at 5.0, as here.
+REFERENCE_SAMPLING = {
+    "sd3_medium": dict(sampler="dpmpp_2m_sd3", steps=50, guidance=5.0, shift=1.0),
+    "sd3.5_medium": dict(sampler="dpmpp_2m_sd3", steps=50, guidance=5.0, shift=3.0),
+    "sd3.5_medium_slg": dict(sampler="dpmpp_2m_sd3", steps=50, guidance=5.0, shift=3.0, skip_layers=(7, 8, 9),
+                             skip_scale=2.5, skip_interval=(0.01, 0.2)),
+    "sd3.5_large": dict(sampler="dpmpp_2m_sd3", steps=40, guidance=4.5, shift=3.0),
+    "sd3.5_large_turbo": dict(sampler="euler", steps=4, guidance=1.0, shift=3.0),
+    "diffusers": dict(sampler="euler", steps=28, guidance=7.0, shift=0.0),  # the shift: the scheduler's
+}
+
+
+def reference_sampling(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets c.sample to a REFERENCE_SAMPLING entry (reference grid, 1024² images)."""
+  if name not in REFERENCE_SAMPLING:
+    raise ConfigError(f"sampling={name!r}; valid: {sorted(REFERENCE_SAMPLING)}")
+  c.sample.schedule = "reference"
+  c.sample.height = c.sample.width = 1024
+  for key, value in REFERENCE_SAMPLING[name].items():
+    c.sample[key] = value
+  return c
+
+
 def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -139,7 +166,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.force_eval = False  # re-run the final evaluation of a finished run instead of reporting its results.json
 
   c.sample = ml_collections.ConfigDict()  # sampling in training's sample evaluation, --mode=eval and --mode=sample
-  c.sample.sampler = "euler"  # euler | heun | ddim | dpmpp_2m
+  c.sample.sampler = "euler"  # euler | heun | ddim | dpmpp_2m | dpmpp_2m_sd3 (SD3.5's reference DPM++ 2M)
   c.sample.steps = 28
   c.sample.guidance = 4.0  # classifier-free guidance scale (1: none)
   c.sample.guidance_interval = (0.0, 1.0)  # guidance only for t in this interval
@@ -149,6 +176,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sample.schedule = "auto"  # time grid: auto | reference (SD3/diffusers) | uniform | log_snr (EDM)
   c.sample.train_timesteps = 1000  # the reference grid's σ_min = shift(1/train_timesteps), as SD3
   c.sample.timesteps = ()  # explicit grid: steps + 1 decreasing times ending at 0 (overrides schedule)
+  c.sample.shift = 0.0  # the sampling grid's shift (0: the formulation's; with config.init, the scheduler's)
   c.sample.skip_layers = ()  # SD3.5 skip-layer guidance: layers to skip, e.g. (7, 8, 9) for SD3.5 Medium
   c.sample.skip_scale = 2.8  # its scale (diffusers' and SD3.5's default)
   c.sample.skip_interval = (0.01, 0.2)  # active for steps i with start·N < i < stop·N

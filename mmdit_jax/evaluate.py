@@ -78,8 +78,8 @@ def sampling_grid(cfg: TrainConfig):
   if schedule == "log_snr":
     return samplers.log_snr_grid(f.path, s.steps, samplers.t_max(f.path))
   if schedule == "reference":
-    return samplers.reference_grid(s.steps, shift=f.shift, train_timesteps=s.train_timesteps)
-  return samplers.timestep_grid(s.steps, shift=f.shift)
+    return samplers.reference_grid(s.steps, shift=s.shift or f.shift, train_timesteps=s.train_timesteps)
+  return samplers.timestep_grid(s.steps, shift=s.shift or f.shift)
 
 
 def make_generate(cfg: TrainConfig):

@@ -71,6 +71,24 @@ def test_presets_by_name_and_preset_arguments():
     rf_lognorm.get_config("sz=2b")
 
 
+def test_reference_sampling_presets():
+  """sampling=NAME: the inference settings of SD3.5's reference code, on SD3's grid with their own shift."""
+  import numpy as np
+  from configs import rf_lognorm
+  from mmdit_jax import evaluate
+  from mmdit_jax.flow import samplers
+  cfg = config_lib.from_config_dict(rf_lognorm.get_config("size=2b,sampling=sd3.5_medium_slg"))
+  s = cfg.sample
+  assert (s.sampler, s.steps, s.guidance, s.shift, s.schedule) == ("dpmpp_2m_sd3", 50, 5.0, 3.0, "reference")
+  assert (s.skip_layers, s.skip_scale, s.skip_interval, s.height, s.width) == ((7, 8, 9), 2.5, (0.01, 0.2), 1024, 1024)
+  assert cfg.formulation.shift == 1.0  # (2b at 256²) training's shift is untouched; the grid takes the sampler's
+  np.testing.assert_allclose(evaluate.sampling_grid(cfg), samplers.reference_grid(50, 3.0))
+  large = config_lib.from_config_dict(rf_lognorm.get_config("sampling=sd3.5_large")).sample
+  assert (large.sampler, large.steps, large.guidance, large.skip_layers) == ("dpmpp_2m_sd3", 40, 4.5, ())
+  with pytest.raises(errors.ConfigError, match=r"sampling='sd4'; valid: \['diffusers', 'sd3.5_large'"):
+    rf_lognorm.get_config("sampling=sd4")
+
+
 def test_configs_load_from_any_working_directory(tmp_path):
   code = ("from ml_collections import config_flags; from absl import flags; import sys;"
           "config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv);"

@@ -168,10 +168,14 @@ def heun(process: Process, denoise: Denoiser, z, ts):
 ddim = euler  # the same update; `ts` on the discrete training schedule makes it DDIM proper
 
 
-def dpmpp_2m(process: Process, denoise: Denoiser, z, ts):
-  """DPM-Solver++(2M) (Lu et al. 2022) in data-prediction form over λ = log(a/b); last step returns x̂."""
+def _dpmpp_2m(process: Process, denoise: Denoiser, z, ts, ratio_in_log_sigma: bool):
   def half_lambda(t):  # clipped: λ is ±∞ at the endpoints of rf and cos
     return 0.5 * process.log_snr(jnp.full((1,), jnp.clip(t, 1e-6, 1 - 1e-6)))[0]
+
+  def neg_log_b(t):
+    return -jnp.log(process.b(jnp.full((1,), jnp.clip(t, 1e-6, 1.0)))[0])
+
+  ratio_coord = neg_log_b if ratio_in_log_sigma else half_lambda
 
   def body(i, carry):
     z, x_prev, h_prev = carry
@@ -181,17 +185,32 @@ def dpmpp_2m(process: Process, denoise: Denoiser, z, ts):
     t_now = jnp.full((z.shape[0],), t)
     final = t_next <= 0
     h = jnp.where(final, 1.0, half_lambda(t_next) - half_lambda(t))
-    r = h_prev / h
+    h_ratio = jnp.where(final, 1.0, ratio_coord(t_next) - ratio_coord(t))
+    r = h_prev / h_ratio
     d = jnp.where((i > 0), (1 + 1 / (2 * r)) * x_hat - (1 / (2 * r)) * x_prev, x_hat)
     b_ratio = bcast(process.b(tn) / process.b(t_now), z)
     z_next = b_ratio * z - bcast(process.a(tn), z) * jnp.expm1(-h) * d
-    return jnp.where(final, x_hat, z_next), x_hat, h
+    return jnp.where(final, x_hat, z_next), x_hat, h_ratio
 
   z, _, _ = jax.lax.fori_loop(0, ts.shape[0] - 1, body, (z, jnp.zeros_like(z), jnp.ones(())))
   return z
 
 
-SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "dpmpp_2m": dpmpp_2m}  # closed set, by name
+def dpmpp_2m(process: Process, denoise: Denoiser, z, ts):
+  """DPM-Solver++(2M) (Lu et al. 2022) in data-prediction form over λ = log(a/b); last step returns x̂:
+  z' = (b'/b) z − a' (e^{−h} − 1) D, h = λ'/2 − λ/2, D = (1 + 1/2r) x̂ − (1/2r) x̂_prev, r = h_prev / h."""
+  return _dpmpp_2m(process, denoise, z, ts, ratio_in_log_sigma=False)
+
+
+def dpmpp_2m_sd3(process: Process, denoise: Denoiser, z, ts):
+  """DPM-Solver++(2M) as SD3 / SD3.5's reference code runs it on flow models (sd3_impls.sample_dpmpp_2m,
+  k-diffusion's solver given σ = t): x' = (σ'/σ) x − (e^{−h} − 1) D with h = log σ − log σ'. For rf its
+  update coefficients are dpmpp_2m's exactly (1 − σ'/σ either way); only the multistep ratio r = h_prev / h
+  is measured in −log σ instead of λ = log((1 − σ)/σ) — what SD3.5's reference images are made with."""
+  return _dpmpp_2m(process, denoise, z, ts, ratio_in_log_sigma=True)
+
+
+SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_sd3": dpmpp_2m_sd3}  # closed set, by name
 
 
 def sample(name: str, process: Process, denoise: Denoiser, noise, ts):

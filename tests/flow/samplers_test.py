@@ -160,6 +160,42 @@ def test_reference_grid_is_diffusers_flow_match_schedule(steps, shift):
   np.testing.assert_allclose(np.asarray(ours), zt.numpy(), atol=1e-5)
 
 
+def _reference_dpmpp_2m(denoised_fn, x, sigmas):
+  """SD3.5's reference sampler (sd3_impls.sample_dpmpp_2m, from k-diffusion), transcribed in float64."""
+  t_fn = lambda s: -np.log(s)
+  old = None
+  for i in range(len(sigmas) - 1):
+    denoised = denoised_fn(x, sigmas[i])
+    if sigmas[i + 1] == 0:
+      x = denoised  # (e^{-h} → 0: the first-order step lands on the estimate)
+    else:
+      t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+      h = t_next - t
+      if old is None:
+        x = (sigmas[i + 1] / sigmas[i]) * x - np.expm1(-h) * denoised
+      else:
+        r = (t - t_fn(sigmas[i - 1])) / h
+        d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+        x = (sigmas[i + 1] / sigmas[i]) * x - np.expm1(-h) * d
+    old = denoised
+  return x
+
+
+def test_dpmpp_2m_sd3_is_the_reference_samplers_update():
+  """On SD3's grid with the same model outputs, dpmpp_2m_sd3 is SD3.5's reference DPM++(2M) to float32
+  rounding; textbook dpmpp_2m (steps in λ) is a different image."""
+  rf = flow.get_process("rf")
+  velocity = lambda z, t: np.sin(3 * z) * (1 + t)
+  ts = samplers.reference_grid(12, 3.0)
+  z = np.asarray(jax.random.normal(jax.random.key(0), (2, 5)), np.float64)
+  denoise = samplers.make_denoiser(rf, "velocity", lambda z, t, guided: jnp.sin(3 * z) * (1 + t[:, None]))
+  want = _reference_dpmpp_2m(lambda x, s: x - s * velocity(x, s), z, np.asarray(ts, np.float64))
+  ours = samplers.sample("dpmpp_2m_sd3", rf, denoise, jnp.asarray(z, jnp.float32), ts)
+  np.testing.assert_allclose(np.asarray(ours), want, atol=2e-5)
+  textbook = samplers.sample("dpmpp_2m", rf, denoise, jnp.asarray(z, jnp.float32), ts)
+  assert np.abs(np.asarray(textbook) - want).max() > 1e-3
+
+
 def test_guidance_runs_only_above_one():
   """As diffusers' pipelines: w ≤ 1 is the conditional output alone, one network call without the
   unconditional half."""
