@@ -145,6 +145,7 @@ class EncodersConfig:
   clip_l_tokenizer: str = ""
   clip_g_tokenizer: str = ""
   t5_tokenizer: str = ""
+  tokenizers: str = ""  # tokenizer/, tokenizer_2/, tokenizer_3/ for weights without them (single-file checkpoints)
   no_t5: bool = False  # zeros in T5's place (SD3 §5.3.2)
   t5_tokens: int = 256  # T5 sequence length when these encoders are given (diffusers' default 256; SD3 trained
   # on 77); a dataset's recorded encoders use the length it was precomputed with

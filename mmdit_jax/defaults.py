@@ -84,6 +84,7 @@ def encoders_config() -> ml_collections.ConfigDict:
     e[role] = ""
   for role in ("clip_l", "clip_g", "t5"):
     e[f"{role}_tokenizer"] = ""
+  e.tokenizers = ""  # tokenizer/, tokenizer_2/, tokenizer_3/ for weights that lack them (SD3 single files)
   e.no_t5 = False  # inference without T5: zeros in its place (SD3 §5.3.2)
   e.clip_skip = 0  # as diffusers' pipeline: CLIP states k layers before the penultimate (0: SD3's own)
   return e

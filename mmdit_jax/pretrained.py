@@ -1,7 +1,9 @@
 """Official weights as a starting point: `config.init = "diffusers:DIR"`.
 
-DIR is a diffusers SD3 pipeline directory (transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/) or
-just an SD3Transformer2DModel directory or .safetensors file. `resolve` makes the run's config agree with
+DIR is a diffusers SD3 pipeline directory (transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/),
+just an SD3Transformer2DModel directory or .safetensors file, or an SD3 / SD3.5 single-file checkpoint
+(sd3_medium_incl_clips_t5xxlfp8.safetensors, sd3.5_large.safetensors, …) whose bundled text encoders and
+VAE become config.encoders (their tokenizers: config.encoders.tokenizers). `resolve` makes the run's config agree with
 the weights before anything compiles: the model's architecture is read from the checkpoint (the config's
 compute fields — dtype, attention, remat, scan_layers — are kept), the pipeline's scheduler shift becomes
 the formulation's shift, and its encoders become `config.encoders` unless those are given. `--mode=sample`
@@ -57,6 +59,12 @@ def resolve(cfg: TrainConfig):
     changes["formulation"] = dataclasses.replace(cfg.formulation, shift=shift)
   if not cfg.encoders.given and (root / "text_encoder").is_dir():
     changes["encoders"] = dataclasses.replace(cfg.encoders, root=str(root))
+  elif not cfg.encoders.given and root.is_file():  # a single file: the encoders it bundles, if any
+    from mmdit_jax.encoders.convert import bundled_parts
+    from mmdit_jax.model.weights import load_safetensors
+    bundled = bundled_parts(load_safetensors(root, lazy=True)[0])  # (the header only)
+    if bundled:
+      changes["encoders"] = dataclasses.replace(cfg.encoders, **{role: str(root) for role in bundled})
   bad = [i for i in cfg.sample.skip_layers if not 0 <= i < model_cfg.depth]
   if bad:
     raise ConfigError(f"config.sample.skip_layers: {bad} outside the imported model's layers 0..{model_cfg.depth - 1}")

@@ -3,6 +3,7 @@ layout is sampled by `--mode=sample --config.init=diffusers:DIR` and by diffuser
 with the same noise, prompts, negative prompts, steps, guidance, T5 length and clip_skip; the images agree
 to 1e-3 in [0, 1] (sample.save_arrays' float images), and the PNGs are those images rounded."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -37,17 +38,28 @@ def sd3_dirs(tmp_path_factory):
   return get
 
 
+# "sd3_file": the shapes an SD3 single file implies without config.json (CLIP head dim 64, 32 VAE norm groups)
+ENCODERS = {"sd3": dict(widths={"t5": 96}, vae_blocks=(8, 8, 16, 16)),
+            "sd3_file": dict(widths={"clip_l": 64, "clip_g": 128, "t5": 96}, clip_head_dim=64,
+                             vae_blocks=(32, 32, 32, 32), vae_groups=32)}
+
+
+SHAPES = {"sd3": dict(attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=96,
+                      pooled_projection_dim=80),
+          "sd3_file": dict(attention_head_dim=64, num_attention_heads=1, caption_projection_dim=64,
+                           joint_attention_dim=192, pooled_projection_dim=192)}
+
+
 def _write_pipeline(root, variant):
-  tiny.write_sd3_encoders(root, widths={"t5": 96}, vae_blocks=(8, 8, 16, 16))
+  tiny.write_sd3_encoders(root, **ENCODERS.get(variant, ENCODERS["sd3"]))
   clip_l = transformers.CLIPTextModelWithProjection.from_pretrained(root / "text_encoder")
   with torch.no_grad():
     clip_l.text_projection.weight.copy_(torch.eye(clip_l.text_projection.weight.shape[0]))
   clip_l.save_pretrained(root / "text_encoder")
   torch.manual_seed(1)
   diffusers.SD3Transformer2DModel(
-      sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-      num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=80,
-      pos_embed_max_size=8, **TRANSFORMERS[variant]).save_pretrained(root / "transformer")
+      sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, pos_embed_max_size=8,
+      **TRANSFORMERS.get(variant, {}), **SHAPES.get(variant, SHAPES["sd3"])).save_pretrained(root / "transformer")
   diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "scheduler")
   return root
 
@@ -189,3 +201,36 @@ def test_export_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(errors.UserError, match="config.json does not exist"):
     export.export(tmp_path, tmp_path / "x")
+
+
+def test_single_file_checkpoint_with_bundled_encoders(sd3_dirs, tmp_path):
+  """An SD3 single file (MM-DiT, CLIP-L, bigG, T5 in transformers' names under text_encoders.*, the VAE in
+  its original LDM names, as diffusers' single-file converter reads them) gives the same encoders as the
+  diffusers directory it was made from; config.init on it uses them, with config.encoders.tokenizers."""
+  import jax
+  from mmdit_jax.encoders import convert
+  sd3_dir = sd3_dirs("sd3_file")
+  single = tiny.write_sd3_single_file(sd3_dir, tmp_path / "sd3_medium_incl_clips_t5xxl.safetensors")
+  for part, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3"),
+                    ("vae", "vae")):
+    load = {"clip_l": convert.load_clip, "clip_g": convert.load_clip, "t5": convert.load_t5,
+            "vae": convert.load_vae}[part]
+    kw = {"part": part} if part.startswith("clip") else {}
+    (cfg_a, a), (cfg_b, b) = load(single, **kw), load(sd3_dir / sub)
+    if part.startswith("clip"):  # pooled at argmax(ids) (SD3's reference) = at the EOS (the largest id)
+      cfg_b = dataclasses.replace(cfg_b, eos_token_id=2)
+    assert cfg_a == cfg_b, part
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # config.init on the file: the encoders it bundles (identical parameters, above) and its tokenizers from
+  # config.encoders.tokenizers — the same encoders as the directory's, so the same images.
+  from mmdit_jax.encoders import sd3
+  cfg = helpers.config(**{"init": f"diffusers:{single}", "encoders.tokenizers": str(sd3_dir)})
+  resolved, _ = pretrained.resolve(cfg)
+  assert (resolved.encoders.clip_l, resolved.encoders.t5, resolved.encoders.vae) == (str(single),) * 3
+  paths = sd3.EncoderPaths.from_config(resolved.encoders)
+  assert paths.clip_g == str(single) and paths.t5_tokenizer == str(sd3_dir / "tokenizer_3")
+  bare, _ = pretrained.resolve(helpers.config(**{"init": f"diffusers:{single}"}))
+  with pytest.raises(errors.UserError, match="set config.encoders.tokenizers"):
+    sd3.EncoderPaths.from_config(bare.encoders)

@@ -19,7 +19,7 @@ from mmdit_jax.encoders.clip import CLIPTextConfig
 from mmdit_jax.encoders.t5 import T5Config
 from mmdit_jax.encoders.vae import VAEConfig
 from mmdit_jax.model import api
-from mmdit_jax.model.weights import (ConversionError, Deferred, check_all_used, fill_params, load_safetensors,
+from mmdit_jax.model.weights import (ConversionError, Deferred, Derived, check_all_used, fill_params, load_safetensors,
                                      require, select, shape_of)
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -28,6 +28,77 @@ _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "
 def _torch_name(path) -> str:
   *mods, leaf = path
   return ".".join([*map(str, mods), _LEAF[leaf]])
+
+
+# ── SD3's single-file checkpoints (sd3_medium_incl_clips*.safetensors, sd3.5_*.safetensors) bundle the
+# encoders beside the MM-DiT: the text encoders in transformers' names under a prefix, the VAE in the original
+# (LDM) autoencoder's names. A role's part is read from such a file with its prefix stripped (and the VAE
+# renamed to diffusers' AutoencoderKL names, as diffusers' convert_ldm_vae_checkpoint does), lazily.
+
+SINGLE_FILE_PARTS = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                     "t5": "text_encoders.t5xxl.transformer.", "vae": "first_stage_model."}
+SINGLE_FILE_CLIP_ACTIVATION = {"clip_l": "quick_gelu", "clip_g": "gelu"}  # OpenAI CLIP-L, OpenCLIP bigG
+_SINGLE_FILE_MARKS = ("text_encoders.", "first_stage_model.", "model.diffusion_model.")
+
+
+def bundled_parts(tensors) -> list[str]:
+  """The encoder roles a single-file checkpoint bundles (none for any other checkpoint)."""
+  return [role for role, prefix in SINGLE_FILE_PARTS.items() if any(k.startswith(prefix) for k in tensors)]
+
+
+def _renamed(tensors, names: dict, transforms: dict | None = None) -> Derived:
+  """{new: tensors[old]} for names = {new: old}, read on access (transforms: {new: fn} applied then)."""
+  transforms = transforms or {}
+  thunks = {new: (lambda o=old, f=transforms.get(new, lambda x: x): f(tensors[o])) for new, old in names.items()}
+  shapes = {}
+  for new, old in names.items():
+    shape = shape_of(tensors, old)
+    shapes[new] = shape[:2] if new in transforms else shape
+  return Derived(thunks, shapes)
+
+
+def single_file_part(tensors, role: str, where="checkpoint"):
+  """`role`'s tensors under the names its loader expects when `tensors` is an SD3 single-file checkpoint;
+  `tensors` unchanged otherwise."""
+  if not any(k.startswith(_SINGLE_FILE_MARKS) for k in tensors):
+    return tensors
+  prefix = SINGLE_FILE_PARTS[role]
+  names = {k[len(prefix):]: k for k in tensors if k.startswith(prefix)}
+  if not names:
+    raise ConversionError(f"{where}: this SD3 single-file checkpoint bundles no {role} (it has: "
+                          f"{bundled_parts(tensors) or 'no encoders'}); give that encoder's own weights")
+  if role != "vae":
+    return _renamed(tensors, names)
+  n_up = len({m.group(1) for k in names if (m := re.match(r"decoder\.up\.(\d+)\.", k))})
+  renamed = {_ldm_vae_name(k, n_up): v for k, v in names.items()}
+  squeeze = {k: (lambda x: x.reshape(x.shape[:2]) if x.ndim == 4 else x) for k in renamed
+             if re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)}
+  return _renamed(tensors, renamed, squeeze)
+
+
+def _bundled(tensors, config_json, role, path):
+  """(tensors, config) of `role` when `path` is an SD3 single-file checkpoint (no config.json applies),
+  else as they are."""
+  part = single_file_part(tensors, role, path)
+  return (tensors, config_json) if part is tensors else (part, {})
+
+
+_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _ldm_vae_name(k: str, n_up: int) -> str:
+  """The original autoencoder's parameter name → diffusers' AutoencoderKL name (its decoder's up blocks
+  are numbered from the top: diffusers' up_blocks.i is up.{n_up − 1 − i})."""
+  k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
+  k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
+  k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
+  k = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", k)
+  k = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.",
+             lambda m: f"{m.group(1)}.mid_block.attentions.0.{_LDM_ATTENTION[m.group(2)]}.", k)
+  k = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}.resnets.", k)
+  k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
+             lambda m: f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0.", k)
+  return k.replace("nin_shortcut", "conv_shortcut")
 
 
 _KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}  # Linear (O, I) → (I, O); Conv (O, I, kh, kw) → (kh, kw, I, O)
@@ -130,9 +201,14 @@ def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
   return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth - 1}, shardings)
 
 
-def load_clip(path, shardings_for=None, **overrides):
-  """(CLIPTextConfig, params) from a transformers CLIP text checkpoint (file or directory)."""
+def load_clip(path, shardings_for=None, part="clip_l", **overrides):
+  """(CLIPTextConfig, params) from a transformers CLIP text checkpoint (file or directory), or the `part`
+  (clip_l | clip_g) of an SD3 single-file checkpoint."""
   tensors, config_json = load_safetensors(path, lazy=True)
+  bundled, config_json = _bundled(tensors, config_json, part, path)
+  if bundled is not tensors:  # no config.json: SD3's CLIP-L / bigG, pooled at argmax(ids) as SD3's reference does
+    overrides = {"activation": SINGLE_FILE_CLIP_ACTIVATION[part], "eos_token_id": 2, **overrides}
+  tensors = bundled
   cfg = infer_clip_config(tensors, config_json, **overrides)
   return cfg, convert_clip(tensors, cfg, shardings_for(cfg) if shardings_for else None)
 
@@ -190,9 +266,10 @@ def convert_t5(tensors, cfg: T5Config, shardings=None):
 
 
 def load_t5(path, shardings_for=None, **overrides):
-  """(T5Config, params) from a transformers T5EncoderModel (or full T5) checkpoint; the decoder of a
-  full T5 checkpoint is ignored."""
+  """(T5Config, params) from a transformers T5EncoderModel (or full T5) checkpoint, or the T5 bundled in an
+  SD3 single-file checkpoint; the decoder of a full T5 checkpoint is ignored."""
   tensors, config_json = load_safetensors(path, lazy=True)
+  tensors, config_json = _bundled(tensors, config_json, "t5", path)
   tensors = select(tensors, lambda k: not k.startswith(("decoder.", "lm_head.")))
   cfg = infer_t5_config(tensors, config_json, **overrides)
   return cfg, convert_t5(tensors, cfg, shardings_for(cfg) if shardings_for else None)
@@ -231,7 +308,9 @@ def convert_vae(tensors, cfg: VAEConfig, shardings=None):
 
 
 def load_vae(path, shardings_for=None, **overrides):
-  """(VAEConfig, params) from a diffusers AutoencoderKL checkpoint (file or directory)."""
+  """(VAEConfig, params) from a diffusers AutoencoderKL checkpoint (file or directory), or the autoencoder
+  bundled (in its original names) in an SD3 single-file checkpoint."""
   tensors, config_json = load_safetensors(path, lazy=True)
+  tensors, config_json = _bundled(tensors, config_json, "vae", path)
   cfg = infer_vae_config(tensors, config_json, **overrides)
   return cfg, convert_vae(tensors, cfg, shardings_for(cfg) if shardings_for else None)

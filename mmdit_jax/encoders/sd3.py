@@ -44,14 +44,24 @@ class EncoderPaths:
 
   @classmethod
   def from_config(cls, c) -> "EncoderPaths":
-    """From a ConfigDict with `root` (an SD3 diffusers checkpoint) and optional per-role overrides."""
+    """From a ConfigDict with `root` (an SD3 diffusers checkpoint) and optional per-role overrides;
+    `tokenizers` (a directory laid out as a diffusers SD3 checkpoint's tokenizer*/ folders) names the
+    tokenizers of weights that come without them (an SD3 single-file checkpoint)."""
     root = epath.Path(c.get("root", "") or ".")
+    tokenizers = c.get("tokenizers", "") or c.get("root", "")
     fields = {}
     for role, (weights, tok) in SD3_LAYOUT.items():
       fields[role] = c.get(role, "") or (str(root / weights) if c.get("root") else "")
       if tok:
         fields[f"{role}_tokenizer"] = c.get(f"{role}_tokenizer", "") or (
-            str(root / tok) if c.get("root") else fields[role])
+            str(epath.Path(tokenizers) / tok) if tokenizers else fields[role])
+    for role, (_, tok) in SD3_LAYOUT.items():
+      where = fields.get(f"{role}_tokenizer", "")
+      if tok and fields[role] and where and where.endswith(".safetensors"):
+        raise UserError(f"config.encoders: the {role} weights {fields[role]} come without a tokenizer (an SD3 "
+                        f"single-file checkpoint bundles none): set config.encoders.tokenizers to a directory with "
+                        f"{', '.join(t + '/' for _, t in SD3_LAYOUT.values() if t)} (e.g. a diffusers SD3 checkpoint), "
+                        f"or config.encoders.{role}_tokenizer")
     if c.get("no_t5", False):
       fields["t5"] = fields["t5_tokenizer"] = ""
     paths = cls(**fields)
@@ -132,8 +142,8 @@ class SD3TextEncoder:
                t5_truncate: bool = True):
     shard = _shardings_for(mesh, rules)
     self.mesh = mesh
-    self.cfg_l, params_l = convert.load_clip(paths.clip_l, shard, pooled="unprojected", dtype=dtype)
-    self.cfg_g, params_g = convert.load_clip(paths.clip_g, shard, pooled="projected", dtype=dtype)
+    self.cfg_l, params_l = convert.load_clip(paths.clip_l, shard, part="clip_l", pooled="unprojected", dtype=dtype)
+    self.cfg_g, params_g = convert.load_clip(paths.clip_g, shard, part="clip_g", pooled="projected", dtype=dtype)
     _check_identity_projection(params_l, paths.clip_l)
     self.tok_l = Tokenizer(paths.clip_l_tokenizer, CLIP_TOKENS)
     self.tok_g = Tokenizer(paths.clip_g_tokenizer, CLIP_TOKENS)

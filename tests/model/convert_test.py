@@ -11,6 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402
 
 from mmdit_jax import model  # noqa: E402
+from tests import torch_reference as tiny  # noqa: E402
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=32,
@@ -105,60 +106,12 @@ def test_missing_file_raises(tmp_path):
     model.from_diffusers(tmp_path / "nothing_here")
 
 
-def _to_single_file(state_dict):
-  """diffusers SD3 tensors → SD3's single-file layout (the inverse of diffusers' own single-file converter,
-  which the test checks), with a bundled-VAE tensor that the import must leave alone."""
-  from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-  sd = {k: v.clone() for k, v in state_dict.items()}
-  n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-  swap = lambda x: torch.cat(x.chunk(2, dim=0)[::-1])
-  out = {"pos_embed": sd["pos_embed.pos_embed"], "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-         "x_embedder.proj.bias": sd["pos_embed.proj.bias"]}
-  for ours, theirs in (("time_text_embed.timestep_embedder", "t_embedder"), ("time_text_embed.text_embedder", "y_embedder")):
-    for j, k in (("linear_1", 0), ("linear_2", 2)):
-      for w in ("weight", "bias"):
-        out[f"{theirs}.mlp.{k}.{w}"] = sd[f"{ours}.{j}.{w}"]
-  for w in ("weight", "bias"):
-    out[f"context_embedder.{w}"] = sd[f"context_embedder.{w}"]
-    out[f"final_layer.linear.{w}"] = sd[f"proj_out.{w}"]
-    out[f"final_layer.adaLN_modulation.1.{w}"] = swap(sd[f"norm_out.linear.{w}"])
-    for i in range(n):
-      b, t = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-      out[f"{b}.x_block.attn.qkv.{w}"] = torch.cat([sd[f"{t}.attn.to_{x}.{w}"] for x in "qkv"])
-      out[f"{b}.context_block.attn.qkv.{w}"] = torch.cat([sd[f"{t}.attn.add_{x}_proj.{w}"] for x in "qkv"])
-      out[f"{b}.x_block.attn.proj.{w}"] = sd[f"{t}.attn.to_out.0.{w}"]
-      out[f"{b}.x_block.adaLN_modulation.1.{w}"] = sd[f"{t}.norm1.linear.{w}"]
-      ctx_mod = sd[f"{t}.norm1_context.linear.{w}"]
-      out[f"{b}.context_block.adaLN_modulation.1.{w}"] = swap(ctx_mod) if i == n - 1 else ctx_mod
-      out[f"{b}.x_block.mlp.fc1.{w}"] = sd[f"{t}.ff.net.0.proj.{w}"]
-      out[f"{b}.x_block.mlp.fc2.{w}"] = sd[f"{t}.ff.net.2.{w}"]
-      if i < n - 1:
-        out[f"{b}.context_block.attn.proj.{w}"] = sd[f"{t}.attn.to_add_out.{w}"]
-        out[f"{b}.context_block.mlp.fc1.{w}"] = sd[f"{t}.ff_context.net.0.proj.{w}"]
-        out[f"{b}.context_block.mlp.fc2.{w}"] = sd[f"{t}.ff_context.net.2.{w}"]
-      if f"{t}.attn2.to_q.{w}" in sd:
-        out[f"{b}.x_block.attn2.qkv.{w}"] = torch.cat([sd[f"{t}.attn2.to_{x}.{w}"] for x in "qkv"])
-        out[f"{b}.x_block.attn2.proj.{w}"] = sd[f"{t}.attn2.to_out.0.{w}"]
-  for i in range(n):
-    b, t = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-    for src, dst in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
-                     ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
-                     ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k")):
-      if f"{t}.{dst}.weight" in sd:
-        out[f"{b}.{src}.weight"] = sd[f"{t}.{dst}.weight"]
-  single = {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
-  back = convert_sd3_transformer_checkpoint_to_diffusers(dict(single))
-  assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)  # diffusers agrees
-  single["first_stage_model.decoder.conv_in.weight"] = torch.zeros(2, 2)  # a bundled VAE tensor
-  return single
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_single_file_checkpoint_imports_to_the_same_parameters(tmp_path, variant):
   ref, path = _reference(tmp_path, variant)
   cfg, params = model.from_diffusers(path)
   single = tmp_path / "sd3_single.safetensors"
-  save_file(_to_single_file(ref.state_dict()), str(single))
+  save_file(tiny.sd3_single_file(ref.state_dict()), str(single))
   # (without config.json or QK-norm the heads come from SD3's head dim 64, which this tiny model lacks)
   single_cfg, single_params = model.from_diffusers(single, **({} if variant == "sd35" else {"num_heads": 4}))
   assert single_cfg == cfg
