@@ -47,8 +47,27 @@ class Derived(Mapping):
     return name in self.thunks
 
 
+# Dtypes safetensors' readers cannot give as arrays (SD3's t5xxl_fp8 files): read from their bytes.
+_RAW_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_raw(file: str, name: str) -> np.ndarray:
+  """One tensor from the file's header offsets (the safetensors format: u64 header size, JSON header)."""
+  import ml_dtypes
+  with open(file, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    entry = json.loads(f.read(size))[name]
+    start, stop = entry["data_offsets"]
+    f.seek(8 + size + start)
+    data = f.read(stop - start)
+  dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[entry["dtype"]]))
+  return np.frombuffer(data, dtype).reshape(entry["shape"]).astype(np.float32)
+
+
 def _read_tensor(file: str, name: str) -> np.ndarray:
   with safe_open(file, framework="flax") as handle:  # the flax reader understands bfloat16
+    if handle.get_slice(name).get_dtype() in _RAW_DTYPES:
+      return _read_raw(file, name)
     return np.array(handle.get_tensor(name), dtype=np.float32)  # (a host copy: the reader's buffer goes)
 
 
@@ -152,9 +171,10 @@ def load_safetensors(path, lazy: bool = False) -> tuple[Mapping, dict]:
     return lazy_tensors(files), config
   tensors = {}
   for f in files:
-    with safe_open(str(f), framework="flax") as handle:  # the flax reader understands bfloat16
-      for name in handle.keys():
-        tensors[name] = np.array(handle.get_tensor(name), dtype=np.float32)  # (a host copy: the reader's buffer goes)
+    with safe_open(str(f), framework="flax") as handle:
+      names = list(handle.keys())
+    for name in names:
+      tensors[name] = _read_tensor(str(f), name)
   config = json.loads(config_path.read_text()) if config_path.is_file() else {}
   return tensors, config
 

@@ -106,6 +106,25 @@ def test_t5_loads_tensor_by_tensor_into_its_shards(tmp_path):
   assert cfg.depth == 12
 
 
+def test_float8_weights_as_sd3_t5xxl_fp8_files_store_them(tmp_path):
+  """SD3's sd3_medium_incl_clips_t5xxlfp8 stores T5 in float8_e4m3fn, which safetensors' readers cannot
+  give to numpy: such tensors are read from their bytes, to the same values torch reads."""
+  import transformers
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  ref = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=32, d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu"))
+  sd = {k: v.detach().clone() for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+  fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.to(torch.bfloat16)) for k, v in sd.items()}
+  save_file(fp8, str(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"))
+  cfg, params = convert.load_t5(tmp_path / "t5xxl_fp8_e4m3fn.safetensors")
+  got = np.asarray(params["layers"]["layers"]["attn"]["q"]["kernel"].get_value())
+  want = np.stack([fp8[f"encoder.block.{i}.layer.0.SelfAttention.q.weight"].float().numpy().T for i in range(2)])
+  np.testing.assert_array_equal(got, want)
+  assert np.abs(want - np.stack([sd[f"encoder.block.{i}.layer.0.SelfAttention.q.weight"].numpy().T
+                                 for i in range(2)])).max() > 0  # (rounded to float8 indeed)
+
+
 def _tiny_vae(tmp_path):
   from diffusers import AutoencoderKL
   torch.manual_seed(0)
