@@ -5,8 +5,9 @@ evaluate.make_generate) on whatever device is present, with the analytic FLOPs a
 
 Random weights of the preset's MM-DiT (the speed does not depend on their values), bf16 compute as the
 preset sets it; text context of 154 tokens (SD3: 77 CLIP + 77 T5) or --text_tokens. Prints compile time,
-then the mean over --repeats timed runs. On a CPU use a small preset (--size=tiny --res=256): the 2B model
-at 1024² takes minutes per image there.
+then the mean over --repeats timed runs. On a CPU use a small preset (--size=tiny --res=32: the tiny preset is pixel-space, 32² at most): the 2B model
+at 1024² takes minutes per image there. --flops_only prints the analytic cost per image and what it takes
+on each accelerator in metrics.PEAK_FLOPS at 100 % and 40 % MFU, without running anything.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 from configs import rf_lognorm  # noqa: E402
 from mmdit_jax import config as config_lib  # noqa: E402
 from mmdit_jax import evaluate, model  # noqa: E402
-from mmdit_jax.metrics import peak_flops  # noqa: E402
+from mmdit_jax.metrics import PEAK_FLOPS, peak_flops  # noqa: E402
 
 
 def main():
@@ -37,6 +38,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--text_tokens", type=int, default=154)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--flops_only", action="store_true", help="print the analytic cost only")
   args = parser.parse_args()
 
   c = rf_lognorm.get_config(f"size={args.size}")
@@ -44,6 +46,14 @@ def main():
   cfg = config_lib.from_config_dict(c)
   m = cfg.model
   side = args.res // 8 if m.in_channels == 16 else args.res  # latent models: SD3's 8× VAE
+  evals = args.steps * (2 if args.guidance > 1 else 1)  # network evaluations per image
+  if args.flops_only:
+    per_image = model.forward_flops(m, side, side, args.text_tokens) * evals
+    print(f"{args.size} at {args.res}², {args.steps} steps, guidance {args.guidance} ({evals} network evaluations), "
+          f"{args.text_tokens} text tokens: {per_image / 1e12:.1f} TFLOP per image (MM-DiT only)")
+    for kind, peak in PEAK_FLOPS.items():
+      print(f"  {kind:>16}: {per_image / peak:.2f} s per image at 100 % MFU, {per_image / peak / 0.4:.2f} s at 40 %")
+    return
   params = jax.jit(lambda k: model.init_unjitted(m, k))(jax.random.key(0))
   generate = jax.jit(evaluate.make_generate(cfg))
   rng = np.random.default_rng(0)
@@ -62,7 +72,6 @@ def main():
     jax.block_until_ready(compiled(params, cond, null, noise))
     times.append(time.perf_counter() - start)
   per_run = float(np.mean(times))
-  evals = args.steps * (2 if args.guidance > 1 else 1)  # network evaluations per image
   flops = model.forward_flops(m, side, side, args.text_tokens) * evals * args.batch
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)
