@@ -133,7 +133,7 @@ def test_sample_inputs_seeds_negatives_noise_grid_and_size(trained, tmp_path):
 
 def test_bad_sampler_config():
   with pytest.raises(errors.ConfigError,
-                     match=r"config.sample.sampler: 'rk45'; valid: \['ddim', 'dpmpp_2m', 'euler', 'heun'\]"):
+                     match=r"config.sample.sampler: 'rk45'; valid: \['ddim', 'dpmpp_2m', 'dpmpp_2m_sd3', 'euler', 'heun'\]"):
     config(**{"sample.sampler": "rk45"})
 
 

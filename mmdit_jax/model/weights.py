@@ -54,7 +54,7 @@ _RAW_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 def _read_raw(file: str, name: str) -> np.ndarray:
   """One tensor from the file's header offsets (the safetensors format: u64 header size, JSON header)."""
   import ml_dtypes
-  with open(file, "rb") as f:
+  with epath.Path(file).open("rb") as f:
     size = int.from_bytes(f.read(8), "little")
     entry = json.loads(f.read(size))[name]
     start, stop = entry["data_offsets"]
