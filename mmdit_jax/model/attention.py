@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mmdit_jax.model import layers
 from mmdit_jax.model.layers import constrain, dense
@@ -49,9 +50,11 @@ ATTENTION_IMPLS = {
 
 
 def get_attention(name: str):
+  """The kernel `name`, its output tagged "attn_out" (for remat "names" / "offload")."""
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {name!r}; valid: {sorted(ATTENTION_IMPLS)}")
-  return ATTENTION_IMPLS[name]
+  impl = ATTENTION_IMPLS[name]
+  return lambda q, k, v: checkpoint_name(impl(q, k, v), "attn_out")
 
 
 class Attention(nnx.Module):
@@ -77,7 +80,7 @@ class Attention(nnx.Module):
     q, k, v = self._split(self.q(x)), self._split(self.k(kv)), self._split(self.v(kv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return q, k, v
+    return tuple(checkpoint_name(a, "qkv") for a in (q, k, v))  # (names for remat "names" / "offload")
 
   def __call__(self, x, attend, context=None):
     """Self-attention of x, or cross-attention from x to `context`; output projected, (B, N, D)."""

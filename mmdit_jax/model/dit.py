@@ -46,7 +46,8 @@ class DiTConfig:
   qk_norm: bool = False
   dtype: str = "float32"
   attention: str = "xla"
-  remat: str = "none"
+  remat: str = "none"  # key of stack.REMAT_POLICIES
+  remat_names: tuple[str, ...] = ()  # for remat names / offload (stack.CHECKPOINT_NAMES)
   scan_layers: bool = True
 
   def __post_init__(self):
@@ -60,7 +61,8 @@ class DiTConfig:
       raise ValueError("long_skip needs depth >= 2")
     get_dtype(self.dtype)
     get_attention(self.attention)
-    check_remat(self.remat)
+    object.__setattr__(self, "remat_names", tuple(self.remat_names))
+    check_remat(self.remat, self.remat_names)
 
   @property
   def width(self) -> int:
@@ -198,7 +200,7 @@ class DiT(nnx.Module):
     if prefix is not None:
       x = jnp.concatenate([prefix, x], axis=1)  # (B, n_prefix + L, D)
     x = constrain(x, "act_batch", "act_seq", "act_embed")
-    run = dict(remat=cfg.remat, scan=cfg.scan_layers)
+    run = dict(remat=cfg.remat, remat_names=cfg.remat_names, scan=cfg.scan_layers)
     if cfg.long_skip:
       x, skips = self.in_blocks(x, vec, context_seq, collect=True, **run)  # skips (half, B, S, D)
       if self.mid_blocks is not None:

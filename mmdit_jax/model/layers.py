@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.ad_checkpoint import checkpoint_name
 
 ZERO = nnx.initializers.zeros_init()
 XAVIER = nnx.initializers.xavier_uniform()
@@ -167,7 +168,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     h = constrain(jax.nn.gelu(self.fc1(x), approximate=True), "act_batch", "act_seq", "act_mlp")  # (B, N, F)
-    return self.fc2(h)
+    return checkpoint_name(self.fc2(checkpoint_name(h, "mlp_in")), "mlp_out")  # (names for remat "names")
 
 
 def timestep_embedding(t, dim=256, max_period=10000.0):

@@ -37,13 +37,15 @@ class MMDiTConfig:
   text_streams: tuple[int, ...] = ()  # () one text stream; (77, 77): CLIP and T5 with separate weights
   dtype: str = "float32"  # compute dtype; parameters stay float32
   attention: str = "xla"  # key of attention.ATTENTION_IMPLS
-  remat: str = "none"  # key of stack.REMAT_POLICIES
+  remat: str = "none"  # key of stack.REMAT_POLICIES: none | full | dots | dots_no_batch | names | offload
+  remat_names: tuple[str, ...] = ()  # for names / offload: the tagged activations kept (stack.CHECKPOINT_NAMES)
   scan_layers: bool = True  # scan stacked layers (one compiled block) or unroll
 
   def __post_init__(self):
     get_dtype(self.dtype)
     get_attention(self.attention)
-    check_remat(self.remat)
+    object.__setattr__(self, "remat_names", tuple(self.remat_names))
+    check_remat(self.remat, self.remat_names)
     if self.width % self.heads:
       raise ValueError(f"hidden_size {self.width} is not divisible by num_heads {self.heads}")
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
@@ -214,7 +216,7 @@ class MMDiT(nnx.Module):
         skip_layers, jnp.int32)].set(False)
     carry = (img, txts)
     for stage, (first, n, _) in zip(self.stages, cfg.stages()):
-      carry, _ = stage(carry, vec, remat=cfg.remat, scan=cfg.scan_layers,
+      carry, _ = stage(carry, vec, remat=cfg.remat, remat_names=cfg.remat_names, scan=cfg.scan_layers,
                        active=None if active is None else active[first:first + n])
     img, _ = self.final_block(carry, vec)
     if active is not None:

@@ -17,12 +17,36 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs, recompute the rest
+    # save only matmuls without batch dimensions: the projections and MLP, not attention's q·k logits
+    # (B, H, S, S) — at 1024² those are most of a layer's saved activations
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "names": None,  # save the activations tagged with config.model.remat_names (see CHECKPOINT_NAMES)
+    "offload": None,  # the same, offloaded to pinned host memory between forward and backward (TPU/GPU)
 }
+# The activations the models tag with jax.ad_checkpoint.checkpoint_name, for remat "names" / "offload".
+CHECKPOINT_NAMES = ("qkv", "attn_out", "mlp_in", "mlp_out")
 
 
-def check_remat(name: str):
+def check_remat(name: str, names=()):
   if name not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}")
+  bad = sorted(set(names) - set(CHECKPOINT_NAMES))
+  if bad:
+    raise ValueError(f"remat_names {bad} are not tagged activations; valid: {list(CHECKPOINT_NAMES)}")
+  if name in ("names", "offload") and not names:
+    raise ValueError(f"remat {name!r} saves the activations named by remat_names, which is empty")
+
+
+def remat_policy(name: str, names=()):
+  """The jax.checkpoint policy for a remat name (None: no remat)."""
+  check_remat(name, names)
+  if name == "names":
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  if name == "offload":
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names), offload_src="device",
+        offload_dst="pinned_host")
+  return REMAT_POLICIES[name]
 
 
 class Stack(nnx.Module):
@@ -38,15 +62,15 @@ class Stack(nnx.Module):
 
     self.layers = make(rngs)
 
-  def __call__(self, carry, *args, remat: str = "none", scan: bool = True, active=None, xs=None,
-               collect: bool = False):
+  def __call__(self, carry, *args, remat: str = "none", remat_names=(), scan: bool = True, active=None,
+               xs=None, collect: bool = False):
     """Runs the blocks in order: carry = block(carry, *args[, x_i]).
 
     active: optional bool (n,) — a False layer passes its carry through (skip-layer guidance).
     xs: optional per-layer inputs stacked on axis 0; collect: also return every layer's output.
     """
     graphdef, state = nnx.split(self.layers)
-    check_remat(remat)
+    policy = remat_policy(remat, remat_names)
     # One layer's logical specs: the stacked ones without their leading 'layers' axis.
     layer_specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*s[1:]), nnx.get_partition_spec(state),
                                is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
@@ -60,7 +84,7 @@ class Stack(nnx.Module):
       return new, (new if collect else None)
 
     if remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
     if scan:
       return jax.lax.scan(body, carry, (state, active, xs))
     outs = []

@@ -70,10 +70,11 @@ def unrolled_reference():
   return params, inputs, out, jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-def test_scanned_equals_unrolled(remat, unrolled_reference):
+@pytest.mark.parametrize("remat,names", [("none", ()), ("full", ()), ("dots", ()), ("dots_no_batch", ()),
+                                         ("names", ("qkv", "attn_out", "mlp_out"))])
+def test_scanned_equals_unrolled(remat, names, unrolled_reference):
   params, inputs, unrolled, unrolled_grads = unrolled_reference
-  cfg = dataclasses.replace(CFG, remat=remat)
+  cfg = dataclasses.replace(CFG, remat=remat, remat_names=names)
   scanned = jax.jit(lambda p: model.forward(cfg, p, *inputs))(params)
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
   # Gradients agree too (remat only changes what is stored).
@@ -174,6 +175,10 @@ def test_bad_configs_raise():
     model.MMDiTConfig(depth=2, attention="flash")
   with pytest.raises(ValueError, match="remat"):
     model.MMDiTConfig(depth=2, remat="some")
+  with pytest.raises(ValueError, match=r"remat_names \['q'\] are not tagged activations; valid: \['qkv'"):
+    model.MMDiTConfig(depth=2, remat="names", remat_names=("q",))
+  with pytest.raises(ValueError, match="remat_names, which is empty"):
+    model.MMDiTConfig(depth=2, remat="offload")
   with pytest.raises(ValueError, match="dual_attention_layers"):
     model.MMDiTConfig(depth=2, dual_attention_layers=(5,))
   with pytest.raises(ValueError, match="valid: sizes"):
