@@ -195,6 +195,7 @@ class TrainConfig:
   encoders: EncodersConfig
   debug: DebugConfig
   init: str = ""  # "diffusers:DIR": start from official SD3 weights (mmdit_jax.pretrained); "" random init
+  microbatches: int = 1  # gradient accumulation: the global batch in this many sequential parts, one update
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -260,7 +261,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug", "init")
+             "encoders", "debug", "init", "microbatches")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -278,6 +279,9 @@ def from_config_dict(c) -> TrainConfig:
     _check(name, c[name] > 0, f"must be positive, got {c[name]}")
   for name in ("eval_every", "sample_every"):
     _check(name, c[name] >= 0, f"must be >= 0 (0: off), got {c[name]}")
+  microbatches = int(c.get("microbatches", 1))
+  _check("microbatches", microbatches >= 1 and c.data.global_batch_size % microbatches == 0,
+         f"must be >= 1 and divide data.global_batch_size {c.data.global_batch_size}, got {microbatches}")
   mesh = MeshConfig(ici=axis_sizes(_plain(c.mesh.ici), "config.mesh.ici"),
                     dcn=axis_sizes(_plain(c.mesh.dcn), "config.mesh.dcn"))
   unknown = sorted(set(c.mesh.keys()) - {"ici", "dcn"})
@@ -298,7 +302,7 @@ def from_config_dict(c) -> TrainConfig:
       eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), sample_every=int(c.sample_every),
       force_eval=bool(c.force_eval), sample=sample_cfg,
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
-      debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), source=json.dumps(_plain(c), sort_keys=True, default=str))
+      debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches, source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 
 def check_mesh_and_batch(cfg: TrainConfig, devices):
@@ -312,6 +316,10 @@ def check_mesh_and_batch(cfg: TrainConfig, devices):
   if b % dp:
     raise ConfigError(f"config.data.global_batch_size={b} is not divisible by the data-parallel size {dp} "
                       f"(mesh data × fsdp); use a multiple of {dp}")
+  if (b // cfg.microbatches) % dp:
+    raise ConfigError(f"config.microbatches={cfg.microbatches}: a microbatch of {b // cfg.microbatches} is not "
+                      f"divisible by the data-parallel size {dp}; use a global batch that is a multiple of "
+                      f"{cfg.microbatches * dp}")
   processes = len({d.process_index for d in devices})
   if b % processes:
     raise ConfigError(f"config.data.global_batch_size={b} is not divisible by {processes} processes")

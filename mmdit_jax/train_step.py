@@ -13,33 +13,72 @@ import optax
 
 from mmdit_jax import model
 from mmdit_jax.config import TrainConfig
+from mmdit_jax.model.layers import constrain
 from mmdit_jax.parallel import batch_sharding
 
 NUM_T_BINS = 8
 
 
-def per_example_loss(cfg: TrainConfig, params, batch, key):
-  """(loss (B,), t (B,)) for one batch with the formulation's t, noise and target."""
+def draw(cfg: TrainConfig, key, x_shape):
+  """The step's randomness for a batch of latents of x_shape: (t (B,), noise)."""
+  k_t, k_noise = jax.random.split(key)
+  return cfg.formulation.sample_t(k_t, (x_shape[0],)), jax.random.normal(k_noise, x_shape, jnp.float32)
+
+
+def per_example_loss(cfg: TrainConfig, params, batch, t, noise):
+  """loss (B,) for one batch at times t with this noise, the formulation's perturbation and target."""
   f = cfg.formulation
   x = batch["latent"].astype(jnp.float32)
-  k_t, k_noise = jax.random.split(key)
-  t = f.sample_t(k_t, (x.shape[0],))
-  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
   z = f.perturb(x, noise, t)
   out = model.forward(cfg.model, params, f.model_input(z, t), t, batch)
-  return f.loss(out, x, noise, t), t
+  return f.loss(out, x, noise, t)
+
+
+def _microbatched(tree, m: int):
+  """(B, …) → (m, B/m, …) with microbatch i = rows i, i + m, i + 2m, …: every microbatch spread over the
+  data-parallel devices as the batch is (a contiguous split would put each on a few devices)."""
+  def split(x):
+    y = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(y, None, "act_batch", *([None] * (x.ndim - 1)))
+  return jax.tree.map(split, tree)
+
+
+def _unmicrobatched(x):
+  """(m, B/m, …) → (B, …), the inverse of _microbatched."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def loss_and_grads(cfg: TrainConfig, params, batch, key):
+  """(mean loss, (per-example losses, t)), grads over the global batch; with cfg.microbatches = m a scan
+  over m microbatches, summing their gradients: the same update as the whole batch at once (the same t
+  and noise per example), with the activations of B/m examples alive at a time."""
+  t, noise = draw(cfg, key, batch["latent"].shape)
+  b, m = t.shape[0], cfg.microbatches
+
+  def total(params, part, t, noise):
+    losses = per_example_loss(cfg, params, part, t, noise)
+    return jnp.sum(losses) / b, losses
+
+  if m == 1:
+    (loss, losses), grads = jax.value_and_grad(total, has_aux=True)(params, batch, t, noise)
+    return (loss, (losses, t)), grads
+
+  def body(acc, xs):
+    part, t_i, noise_i = xs
+    (loss_i, losses_i), grads_i = jax.value_and_grad(total, has_aux=True)(params, part, t_i, noise_i)
+    loss, grads = acc
+    return (loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)), losses_i
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), losses = jax.lax.scan(body, zero, _microbatched((batch, t, noise), m))
+  return (loss, (_unmicrobatched(losses), t)), grads
 
 
 def make_train_step(cfg: TrainConfig, tx, schedule):
   def train_step(state, batch):
     step = state["step"]
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-
-    def loss_fn(params):
-      losses, t = per_example_loss(cfg, params, batch, key)
-      return jnp.mean(losses), (losses, t)
-
-    (loss, (losses, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (losses, t)), grads = loss_and_grads(cfg, state["params"], batch, key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
