@@ -18,6 +18,7 @@ NEW_VALUES = {"depth": 3, "hidden_size": 96, "num_heads": 3, "mlp_ratio": 2.0, "
               "out_channels": 6, "context_dim": 40, "pooled_dim": 24, "pos_embed_max_size": 16, "sample_size": 8,
               "qk_norm": True, "dual_attention_layers": (0, 1), "text_streams": (16, 16), "dtype": "bfloat16",
               "attention": "dot_product", "remat": "names", "remat_names": ("qkv", "attn_out"), "scan_layers": False,
+              "splash_block_q": 256, "splash_block_kv": 1024,
               "input_size": 16,
               "block": "cross_attn", "conditioning": "text", "num_classes": 7, "long_skip": True}
 

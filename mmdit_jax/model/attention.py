@@ -1,15 +1,28 @@
 """Multi-head attention: the kernels behind one signature, chosen by name, and the projection module.
 
-Kernels take q, k, v (B, S, H, K) → (B, S, H, K). "xla" is a plain einsum/softmax (float32 logits) that
-runs everywhere; "cudnn" is cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16);
-"dot_product" lets JAX pick.
+Kernels take q, k, v (B, S, H, K) (k, v may be longer than q: cross-attention) → (B, S_q, H, K):
+- "xla": a plain einsum/softmax (float32 logits, O(S²) memory); runs everywhere.
+- "splash": Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention): blockwise,
+  the logits never whole in memory. Sequences are padded to the block sizes with segment ids that keep
+  padding out of every real token's softmax; run per device under shard_map over the batch and head axes.
+  Off TPU it runs in Pallas interpret mode (slow; for tests).
+- "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+- "dot_product": JAX picks.
+- "auto": splash on TPU, cuDNN on GPU for bf16/fp16 inputs, else xla (decided when traced, from the
+  devices of the mesh in use — a TPU topology compiled from a CPU machine gets splash).
+Joint text+image attention (MM-DiT), QK-norm, MMDiT-X's second attention and skip-layer guidance all sit
+outside the kernel, so every kernel serves them alike.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.ad_checkpoint import checkpoint_name
 
 from mmdit_jax.model import layers
@@ -42,18 +55,85 @@ def dot_product_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v)
 
 
+def _mesh_in_use():
+  """The (abstract) mesh of jax.set_mesh, or None; readable inside jit."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def platform() -> str:
+  """The platform of the mesh in use (a compile-only TPU topology counts as TPU), else the default's."""
+  mesh = _mesh_in_use()
+  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _pad_seq(x, to):
+  return jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
+
+
+def splash_attention(q, k, v, *, block_q: int = 512, block_kv: int = 512):
+  """Pallas splash attention (see the module docstring). Block sizes are capped at the padded lengths."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  sq, skv, d = q.shape[1], k.shape[1], q.shape[-1]
+  bq, bkv = min(block_q, -(-sq // 128) * 128), min(block_kv, -(-skv // 128) * 128)
+  pq, pkv = -(-sq // bq) * bq, -(-skv // bkv) * bkv
+  q = _pad_seq(q * jnp.asarray(d ** -0.5, q.dtype), pq)
+  k, v = _pad_seq(k, pkv), _pad_seq(v, pkv)
+  segments = splash.SegmentIds(q=(jnp.arange(pq) < sq).astype(jnp.int32),
+                               kv=(jnp.arange(pkv) < skv).astype(jnp.int32))
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  interpret = platform() != "tpu"
+
+  def local(q, k, v):  # this device's (B, S, H, K) blocks
+    mask = splash.MultiHeadMask([splash.FullMask((pq, pkv))] * q.shape[2])
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    out = jax.vmap(functools.partial(kernel, segment_ids=segments))(heads_first(q), heads_first(k), heads_first(v))
+    return heads_first(out)
+
+  mesh, rules = _mesh_in_use(), dict(flax_spmd.get_logical_axis_rules() or ())
+  if mesh is None or not rules:
+    return local(q, k, v)[:, :sq]
+  spec = jax.sharding.PartitionSpec(rules.get("act_batch"), None, rules.get("act_heads"), None)
+  run = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  return run(q, k, v)[:, :sq]
+
+
+def auto_attention(q, k, v, **blocks):
+  kind = platform()
+  if kind == "tpu":
+    return splash_attention(q, k, v, **blocks)
+  if kind == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    return cudnn_attention(q, k, v)
+  return xla_attention(q, k, v)
+
+
 ATTENTION_IMPLS = {
     "xla": xla_attention,
+    "splash": splash_attention,
     "cudnn": cudnn_attention,
     "dot_product": dot_product_attention,
+    "auto": auto_attention,
 }
+_TAKES_BLOCKS = ("splash", "auto")
 
 
-def get_attention(name: str):
-  """The kernel `name`, its output tagged "attn_out" (for remat "names" / "offload")."""
+def check_blocks(block_q: int, block_kv: int):
+  if block_q % 128 or block_kv % 128 or block_q <= 0 or block_kv <= 0:
+    raise ValueError(f"splash block sizes ({block_q}, {block_kv}) must be positive multiples of 128")
+
+
+def get_attention(name: str, block_q: int = 512, block_kv: int = 512):
+  """The kernel `name` (splash's block sizes for "splash" / "auto"), its output tagged "attn_out" (for
+  remat "names" / "offload")."""
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {name!r}; valid: {sorted(ATTENTION_IMPLS)}")
+  check_blocks(block_q, block_kv)
   impl = ATTENTION_IMPLS[name]
+  if name in _TAKES_BLOCKS:
+    impl = functools.partial(impl, block_q=block_q, block_kv=block_kv)
   return lambda q, k, v: checkpoint_name(impl(q, k, v), "attn_out")
 
 

@@ -45,7 +45,9 @@ class DiTConfig:
   long_skip: bool = False  # U-ViT long skip connections (first half → second half)
   qk_norm: bool = False
   dtype: str = "float32"
-  attention: str = "xla"
+  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | auto
+  splash_block_q: int = 512  # splash attention's block sizes (multiples of 128)
+  splash_block_kv: int = 512
   remat: str = "none"  # key of stack.REMAT_POLICIES
   remat_names: tuple[str, ...] = ()  # for remat names / offload (stack.CHECKPOINT_NAMES)
   scan_layers: bool = True
@@ -60,7 +62,7 @@ class DiTConfig:
     if self.long_skip and self.depth < 2:
       raise ValueError("long_skip needs depth >= 2")
     get_dtype(self.dtype)
-    get_attention(self.attention)
+    get_attention(self.attention, self.splash_block_q, self.splash_block_kv)
     object.__setattr__(self, "remat_names", tuple(self.remat_names))
     check_remat(self.remat, self.remat_names)
 
@@ -111,7 +113,8 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: DiTConfig, rngs, *, skip=False):
     d, dt = cfg.width, get_dtype(cfg.dtype)
-    self.kind, self.adaptive, self.attend = cfg.block, cfg.adaptive, get_attention(cfg.attention)
+    self.kind, self.adaptive = cfg.block, cfg.adaptive
+    self.attend = get_attention(cfg.attention, cfg.splash_block_q, cfg.splash_block_kv)
     self.skip = dense(2 * d, d, ("mlp", "embed"), rngs, dtype=dt) if skip else None
     if self.adaptive:
       chunks = 4 if cfg.block == "adaln" else 6

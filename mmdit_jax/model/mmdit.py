@@ -36,14 +36,16 @@ class MMDiTConfig:
   dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X: layers with an extra image self-attention
   text_streams: tuple[int, ...] = ()  # () one text stream; (77, 77): CLIP and T5 with separate weights
   dtype: str = "float32"  # compute dtype; parameters stay float32
-  attention: str = "xla"  # key of attention.ATTENTION_IMPLS
+  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | auto
+  splash_block_q: int = 512  # splash attention's query and key/value block sizes (multiples of 128)
+  splash_block_kv: int = 512
   remat: str = "none"  # key of stack.REMAT_POLICIES: none | full | dots | dots_no_batch | names | offload
   remat_names: tuple[str, ...] = ()  # for names / offload: the tagged activations kept (stack.CHECKPOINT_NAMES)
   scan_layers: bool = True  # scan stacked layers (one compiled block) or unroll
 
   def __post_init__(self):
     get_dtype(self.dtype)
-    get_attention(self.attention)
+    get_attention(self.attention, self.splash_block_q, self.splash_block_kv)
     object.__setattr__(self, "remat_names", tuple(self.remat_names))
     check_remat(self.remat, self.remat_names)
     if self.width % self.heads:
@@ -134,7 +136,7 @@ class JointBlock(nnx.Module):
   """An MM-DiT block over the image stream and one or more text streams."""
 
   def __init__(self, cfg: MMDiTConfig, rngs, *, dual=False, pre_only=False):
-    self.attend = get_attention(cfg.attention)
+    self.attend = get_attention(cfg.attention, cfg.splash_block_q, cfg.splash_block_kv)
     self.pre_only = pre_only
     self.img = Stream(cfg, rngs, dual=dual)
     self.txt = nnx.List([Stream(cfg, rngs, pre_only=pre_only) for _ in range(cfg.num_text_streams)])
