@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from mmdit_jax import flow, model
 from mmdit_jax.errors import ConfigError
@@ -320,6 +321,14 @@ def check_mesh_and_batch(cfg: TrainConfig, devices):
     raise ConfigError(f"config.microbatches={cfg.microbatches}: a microbatch of {b // cfg.microbatches} is not "
                       f"divisible by the data-parallel size {dp}; use a global batch that is a multiple of "
                       f"{cfg.microbatches * dp}")
+  heads = getattr(cfg.model, "heads", 1)
+  attn_axes = dict(cfg.sharding_rules).get("act_attn_heads") or ()
+  attn_axes = (attn_axes,) if isinstance(attn_axes, str) else attn_axes
+  split = math.prod(ici[MESH_AXES.index(a)] * dcn[MESH_AXES.index(a)] for a in attn_axes)
+  if heads % split:
+    raise ConfigError(f"the model's {heads} attention heads cannot be split {split} ways (act_attn_heads: mesh axes "
+                      f"{list(attn_axes)} — with a 'sequence' axis, attention splits heads over tensor × sequence); "
+                      f"choose sizes whose product divides {heads}")
   processes = len({d.process_index for d in devices})
   if b % processes:
     raise ConfigError(f"config.data.global_batch_size={b} is not divisible by {processes} processes")

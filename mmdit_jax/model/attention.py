@@ -11,7 +11,8 @@ Kernels take q, k, v (B, S, H, K) (k, v may be longer than q: cross-attention) �
 - "auto": splash on TPU, cuDNN on GPU for bf16/fp16 inputs, else xla (decided when traced, from the
   devices of the mesh in use — a TPU topology compiled from a CPU machine gets splash).
 Joint text+image attention (MM-DiT), QK-norm, MMDiT-X's second attention and skip-layer guidance all sit
-outside the kernel, so every kernel serves them alike.
+outside the kernel, so every kernel serves them alike. Sequence parallelism (a 'sequence' mesh axis) is
+Ulysses-style: see heads_layout.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def splash_attention(q, k, v, *, block_q: int = 512, block_kv: int = 512):
   mesh, rules = _mesh_in_use(), dict(flax_spmd.get_logical_axis_rules() or ())
   if mesh is None or not rules:
     return local(q, k, v)[:, :sq]
-  spec = jax.sharding.PartitionSpec(rules.get("act_batch"), None, rules.get("act_heads"), None)
+  spec = jax.sharding.PartitionSpec(rules.get("act_batch"), None, rules.get("act_attn_heads"), None)
   run = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
   return run(q, k, v)[:, :sq]
 
@@ -134,7 +135,19 @@ def get_attention(name: str, block_q: int = 512, block_kv: int = 512):
   impl = ATTENTION_IMPLS[name]
   if name in _TAKES_BLOCKS:
     impl = functools.partial(impl, block_q=block_q, block_kv=block_kv)
-  return lambda q, k, v: checkpoint_name(impl(q, k, v), "attn_out")
+
+  def attend(q, k, v):
+    q, k, v = (heads_layout(x) for x in (q, k, v))
+    return checkpoint_name(heads_layout(impl(q, k, v)), "attn_out")
+  return attend
+
+
+def heads_layout(x):
+  """(B, S, H, K) laid out for attention: the whole sequence on each device, heads split over
+  'act_attn_heads' (default: tensor × sequence). With a sequence axis this is Ulysses-style sequence
+  parallelism — the layers around attention hold S / n tokens, attention holds H / n heads of all S, and
+  GSPMD turns each re-layout into an all-to-all; without one, heads stay split over tensor as before."""
+  return constrain(x, "act_batch", None, "act_attn_heads", None)
 
 
 class Attention(nnx.Module):

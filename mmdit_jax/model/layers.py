@@ -29,7 +29,7 @@ XAVIER = nnx.initializers.xavier_uniform()
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Every logical axis name a module may use; config.sharding_rules maps them onto mesh axes.
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "layers", "vocab", "modulation", "patch", "context_in", "vec_in",
-                "act_batch", "act_seq", "act_embed", "act_heads", "act_mlp")
+                "act_batch", "act_seq", "act_embed", "act_heads", "act_attn_heads", "act_mlp")
 
 
 def get_dtype(name: str):

@@ -19,7 +19,8 @@ from mmdit_jax.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # Logical axis → mesh axes. Parameters: FSDP over the embedding axis, tensor parallelism over heads and
-# MLP; activations: batch over data × fsdp, sequence over 'sequence', heads and MLP over 'tensor'.
+# MLP; activations: batch over data × fsdp, sequence over 'sequence', heads and MLP over 'tensor' — and
+# inside attention the whole sequence with heads over tensor × sequence (all-to-alls in and out).
 DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -35,6 +36,7 @@ DEFAULT_RULES = (
     ("act_seq", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_attn_heads", ("tensor", "sequence")),  # inside attention: Ulysses sequence parallelism
     ("act_mlp", "tensor"),
 )
 
