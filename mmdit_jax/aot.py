@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import data, evaluate, model, parallel
+from mmdit_jax import data, evaluate, model, parallel, xla_presets
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.data import demo
 from mmdit_jax.errors import UserError
@@ -273,6 +273,7 @@ def compile_report(cfg: TrainConfig, topology: str, *, sample: bool = True) -> d
         "per_chip_batch": cfg.data.global_batch_size / parallel.data_parallel_size(mesh),
         "latent": list(latent_shape), "text_tokens": text_tokens, "params": model.param_count(cfg.model),
         "remat": cfg.model.remat, "attention": cfg.model.attention, "dtype": cfg.model.dtype,
+        "microbatches": cfg.microbatches, "xla_flags": {"preset": cfg.xla_flags, **xla_presets.environment()},
         "param_gib": _per_device_bytes(abstract["params"], shardings["params"]) / GIB,
         "opt_gib": _per_device_bytes(abstract["opt_state"], shardings["opt_state"]) / GIB,
         "ema_gib": _per_device_bytes(abstract["ema"], shardings["ema"]) / GIB,
@@ -304,7 +305,9 @@ def format_report(r: dict) -> str:
   lines = [f"compile for {r['topology']}: {r['chips']} × {r['chip']} ({r['hbm_gib']:.2f} GiB HBM each), mesh "
            f"{r['mesh']}, global batch {r['global_batch']} ({r['per_chip_batch']:g} per data-parallel chip), "
            f"latent {r['latent']}, {r['text_tokens']} text tokens",
-           f"  model {r['params'] / 1e9:.3f}B params, {r['dtype']}, remat {r['remat']}, attention {r['attention']}",
+           f"  model {r['params'] / 1e9:.3f}B params, {r['dtype']}, remat {r['remat']}, attention {r['attention']}"
+           + (f", {r['microbatches']} microbatches" if r.get("microbatches", 1) > 1 else "")
+           + (f", XLA flags {r['xla_flags']['preset']}" if r.get("xla_flags", {}).get("preset", "none") != "none" else ""),
            f"  per chip: params {r['param_gib']:.3f} + optimizer {r['opt_gib']:.3f} + EMA {r['ema_gib']:.3f} = "
            f"state {r['state_gib']:.3f} GiB"]
   if not r["fits"] and "error" in r:

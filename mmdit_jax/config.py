@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 
-from mmdit_jax import flow, model
+from mmdit_jax import flow, model, xla_presets
 from mmdit_jax.errors import ConfigError
 from mmdit_jax.model.layers import LOGICAL_AXES
 from mmdit_jax.parallel.mesh import MESH_AXES, axis_sizes, fill_sizes, num_slices
@@ -197,6 +197,7 @@ class TrainConfig:
   debug: DebugConfig
   init: str = ""  # "diffusers:DIR": start from official SD3 weights (mmdit_jax.pretrained); "" random init
   microbatches: int = 1  # gradient accumulation: the global batch in this many sequential parts, one update
+  xla_flags: str = "none"  # XLA / libtpu flag preset (mmdit_jax.xla_presets), set before JAX starts
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -262,7 +263,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug", "init", "microbatches")
+             "encoders", "debug", "init", "microbatches", "xla_flags")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -280,6 +281,7 @@ def from_config_dict(c) -> TrainConfig:
     _check(name, c[name] > 0, f"must be positive, got {c[name]}")
   for name in ("eval_every", "sample_every"):
     _check(name, c[name] >= 0, f"must be >= 0 (0: off), got {c[name]}")
+  xla_presets.check(str(c.get("xla_flags", "none")))
   microbatches = int(c.get("microbatches", 1))
   _check("microbatches", microbatches >= 1 and c.data.global_batch_size % microbatches == 0,
          f"must be >= 1 and divide data.global_batch_size {c.data.global_batch_size}, got {microbatches}")
@@ -303,7 +305,8 @@ def from_config_dict(c) -> TrainConfig:
       eval_every=int(c.eval_every), eval_batches=int(c.eval_batches), sample_every=int(c.sample_every),
       force_eval=bool(c.force_eval), sample=sample_cfg,
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
-      debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches, source=json.dumps(_plain(c), sort_keys=True, default=str))
+      debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches,
+      xla_flags=str(c.get("xla_flags", "none")), source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 
 def check_mesh_and_batch(cfg: TrainConfig, devices):

@@ -151,6 +151,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.ema_decay = 0.9999
   c.max_nonfinite_steps = 10  # stop after this many consecutive non-finite steps
   c.microbatches = 1  # gradient accumulation: each step's global batch in this many sequential microbatches
+  c.xla_flags = "none"  # XLA/libtpu flag preset: none | tpu_overlap | tpu_overlap_dp | gpu_overlap (xla_presets)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici = mesh_sizes(data=-1)  # within a slice, per axis: --config.mesh.ici.fsdp=-1 --config.mesh.ici.data=1

@@ -111,6 +111,11 @@ def _labels() -> list[int]:
 
 
 def _run():
+  from mmdit_jax import xla_presets
+  try:
+    xla_presets.apply(str(_CONFIG.value.get("xla_flags", "none")))  # before any backend starts
+  except OSError:
+    pass  # (an unloadable config file: reported below, where it is first used)
   if _MODE.value == "compile":
     if not _TOPOLOGY.value:
       raise UserError("--mode=compile needs --topology, e.g. --topology=v5p:4x4x4")

@@ -104,3 +104,17 @@ def test_configs_load_from_any_working_directory(tmp_path):
     else:
       assert proc.returncode == 0, proc.stderr[-2000:]
       assert proc.stdout.strip() == ("24" if "2b" in arg else "12")
+
+
+def test_xla_flag_presets(monkeypatch):
+  """config.xla_flags: a preset's flags join what the environment already sets (which wins)."""
+  from mmdit_jax import xla_presets
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_enable_async_all_gather=false --xla_tpu_foo=1")
+  env = xla_presets.apply("tpu_overlap")
+  flags = env["LIBTPU_INIT_ARGS"].split()
+  assert flags[:2] == ["--xla_enable_async_all_gather=false", "--xla_tpu_foo=1"]
+  assert "--xla_tpu_enable_async_collective_fusion=true" in flags and "--xla_enable_async_all_gather=true" not in flags
+  assert xla_presets.apply("tpu_overlap") == env  # applying twice adds nothing
+  assert helpers.config(xla_flags="tpu_overlap_dp").xla_flags == "tpu_overlap_dp"
+  with pytest.raises(errors.ConfigError, match=r"config.xla_flags='fast'; valid: \['gpu_overlap', 'none'"):
+    helpers.config(xla_flags="fast")
