@@ -42,7 +42,8 @@ CHIPS = {
     "v5p": {"kind": "TPU v5", "peak_flops": 459e12, "hbm_gib": 95.74, "hbm_gbps": 2765.0},
     "v6e": {"kind": "TPU v6 lite", "peak_flops": 918e12, "hbm_gib": 31.25, "hbm_gbps": 1640.0},
 }
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
+               "all-gather-as-all-reduce")
 _TOPOLOGY = re.compile(r"(?:(\d+):)?(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)$")
 
 
@@ -106,7 +107,9 @@ def collective_stats(hlo: str) -> dict:
   """{kind: {'count', 'bytes'}} executed per call of the ENTRY computation: each op's result size, ops in
   while bodies counted trip-count times (unknown trip counts count once and are reported under
   'unknown_trip_counts'), async -start ops counted once by their payload, TPU's all-reduce-scatter
-  fusions as reduce-scatters."""
+  fusions as reduce-scatters, and all-reduces of dynamic-update-slices (how the TPU compiler implements an
+  all-gather over a whole 3-D torus, e.g. FSDP over all 64 chips of a v5p-128) as all-gather-as-all-reduce
+  — the rest of a combined all-reduce stays an all-reduce."""
   comps, entry, current = {}, None, None
   for line in hlo.splitlines():
     m = _COMPUTATION.match(line)
@@ -129,6 +132,18 @@ def collective_stats(hlo: str) -> dict:
       continue
     if kind in COLLECTIVES and not opname.endswith("-done"):
       sizes = _array_bytes(type_text)
+      if kind == "all-reduce":  # TPU gathers over a whole 3-D torus as an all-reduce of zero-padded shards
+        operands = re.search(r"all-reduce(?:-start)?\(([^)]*)\)", line)
+        names = [o.strip() for o in operands.group(1).split(",")] if operands else []
+        names = [re.sub(r"/\*.*?\*/", "", n).strip() for n in names]
+        gathers = [i for i, n in enumerate(names) if "dynamic-update-slice" in n]
+        if gathers and len(names) == len(sizes) and not opname.endswith("-start"):
+          gathered = sum(sizes[i] for i in gathers)
+          if gathered:
+            current["ops"].append(("all-gather-as-all-reduce", gathered))
+          if len(gathers) < len(names):
+            current["ops"].append(("all-reduce", sum(sizes) - gathered))
+          continue
       current["ops"].append((kind, (max(sizes) if opname.endswith("-start") else sum(sizes)) if sizes else 0))
     if opname == "while":
       body = re.search(r"body=%?([\w.\-]+)", line)
