@@ -23,6 +23,7 @@ def _start(workdir, **flags):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
 def test_sigterm_then_sigkill_mid_save_then_exact_resume(straight, tmp_path):
   """SIGTERM (a preemption notice) during the first compile: the run finishes that step, saves, and exits 75.
   Resumed in a new process, SIGKILL lands in the middle of asynchronous saves. Resumed again in-process, the
@@ -51,6 +52,7 @@ def test_sigterm_then_sigkill_mid_save_then_exact_resume(straight, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
 def test_two_processes_match_one(straight, tmp_path):
   """2 processes × 4 devices on a (data 2, fsdp 2, tensor 2) mesh against the straight 1 × 8 run."""
   port = helpers.free_port()

@@ -15,6 +15,9 @@ import pytest
 from mmdit_jax import errors, paths
 from tests import helpers
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("straight")
+
 
 def test_no_module_opens_a_user_path_with_open_or_pathlib():
   offenders = []

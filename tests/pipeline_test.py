@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("sd3_pipeline")
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -15,6 +15,9 @@ from mmdit_jax.data import demo
 from tests import torch_reference as tiny
 from tests.helpers import config
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("precompute")
+
 N = 24
 
 

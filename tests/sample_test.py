@@ -15,6 +15,9 @@ from mmdit_jax import data, errors, evaluate, flow, sample, train
 from tests import helpers
 from tests.helpers import config
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("sample")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -18,6 +18,7 @@ from tests import helpers
 from tests.helpers import STEPS, assert_same_as_straight, config, tree_equal
 
 
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
 def test_exact_resume_after_halt_ignoring_a_partial_save(straight, tmp_path):
   first = train.train_and_evaluate(config(**{"debug.halt_at_step": STEPS // 2}), tmp_path)
   assert first == {"step": STEPS // 2, "stopped": "halt_at_step", "loss": first["loss"]}
@@ -43,6 +44,7 @@ def _damage(step_dir):
     p.write_bytes(b"\x17" * p.stat().st_size)
 
 
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path):
   train.train_and_evaluate(config(**{"debug.halt_at_step": 6, "checkpoint_every": 2}), tmp_path)
   _damage(tmp_path / "checkpoints" / "6")
@@ -63,6 +65,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path
     train.train_and_evaluate(config(**{"total_steps": 12}), tmp_path)
 
 
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
 def test_finished_run_reports_without_recomputing(straight, tmp_path):
   s_dir, _ = straight
   shutil.copytree(s_dir, tmp_path / "run")

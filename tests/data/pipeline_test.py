@@ -8,6 +8,9 @@ import pytest
 from mmdit_jax import data, parallel
 from mmdit_jax.data import demo, records
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("data_pipeline")
+
 
 def _write(path, n=64, shapes=((4, 4),), seed=0, **kw):
   rng = np.random.default_rng(seed)

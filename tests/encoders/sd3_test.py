@@ -10,6 +10,9 @@ from mmdit_jax.encoders import sd3
 from mmdit_jax.encoders.tokenizer import Tokenizer
 from tests import torch_reference as tiny
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("sd3_encoders")
+
 
 def test_tokenizers_from_local_files(tmp_path):
   import transformers

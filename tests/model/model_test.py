@@ -10,6 +10,9 @@ from flax import nnx
 
 from mmdit_jax import model, parallel
 
+# (one xdist worker runs this file: its module fixtures are built once)
+pytestmark = pytest.mark.xdist_group("model")
+
 TINY = dict(depth=3, hidden_size=32, num_heads=4, context_dim=24, pooled_dim=12, in_channels=4,
             pos_embed_max_size=16, sample_size=16)
 # Most tests share one config (QK-norm, an MMDiT-X layer), so its compiled init is reused.
