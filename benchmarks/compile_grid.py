@@ -65,7 +65,8 @@ def markdown(cells: list[dict]) -> str:
           "| all-gather GiB | gather-as-AR GiB | all-reduce GiB | reduce-scatter GiB | all-to-all GiB | compile s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in cells:
-    mesh = "×".join(map(str, c["mesh"]))
+    mesh = c["mesh"].values() if isinstance(c["mesh"], dict) else c["mesh"]  # (the report's {axis: size})
+    mesh = "×".join(map(str, mesh))
     if "error" in c or "total_gib" not in c:
       rows.append(f"| {c['attention']} | {c['remat']} | {mesh} | {c['microbatches']} | — | no: "
                   f"{c.get('error', 'did not compile')[:80]} | | | | | | | | |")
@@ -95,7 +96,8 @@ def main():
   a = p.parse_args()
   out = pathlib.Path(a.out)
   cells = json.loads(out.read_text()) if out.exists() else []
-  done = {(c["attention"], c["remat"], tuple(c["mesh"]), c["microbatches"]) for c in cells}
+  done = {(c["attention"], c["remat"], tuple(c["mesh"].values() if isinstance(c["mesh"], dict) else c["mesh"]),
+           c["microbatches"]) for c in cells}
   for attention, remat, mesh, micro in itertools.product(a.attention.split(","), a.remat.split(","),
                                                          map(_mesh, a.mesh.split(",")),
                                                          map(int, a.microbatches.split(","))):
