@@ -39,10 +39,17 @@ PRESETS = {
     "demo": dict(model=_TINY_MODEL, batch=32, steps=4000, warmup=40, log_every=100, checkpoint_every=1000,
                  **dict(_DEMO, demo_examples=16384)),
     # SD3 Medium's shape (d=24, ≈2B) and SD3.5 Large's (d=38, ≈8B): QK-norm in bf16, AdamW ε = 1e-15.
-    "2b": dict(model=dict(depth=24, qk_norm=True, dtype="bfloat16", remat="dots"), batch=1024, steps=500_000,
-               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256),
-    "8b": dict(model=dict(depth=38, qk_norm=True, dtype="bfloat16", remat="full"), batch=4096, steps=500_000,
-               warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256),
+    # FSDP over each slice (data parallel across slices), blockwise attention (splash on TPU, cuDNN on GPU)
+    # and remat "dots". Chosen from the compile reports (docs/compile_grid.md), 2B at 1024², global batch 64,
+    # v5p:4x4x4, HBM per chip: data-parallel mesh + xla + dots_no_batch 53.9 GiB (30.2 of it replicated
+    # state); FSDP + xla: dots 47.2 (the f32 attention logits saved), dots_no_batch 11.4, full 5.5; FSDP +
+    # splash + dots 5.0 — and 12.1 of 15.75 GiB on v5e:4x4 at batch 16 with xla + dots_no_batch.
+    "2b": dict(model=dict(depth=24, qk_norm=True, dtype="bfloat16", remat="dots", attention="auto"), batch=1024,
+               steps=500_000, warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256,
+               mesh=dict(data=1, fsdp=-1)),
+    "8b": dict(model=dict(depth=38, qk_norm=True, dtype="bfloat16", remat="dots", attention="auto"), batch=4096,
+               steps=500_000, warmup=1000, log_every=100, checkpoint_every=2000, eps=1e-15, res=256,
+               mesh=dict(data=1, fsdp=-1)),
 }
 SD3_SHIFT = {1024: 3.0}  # SD3 §5.3.2 chose α = 3.0 at 1024²; other resolutions use α = √(m/n) against 256²
 
@@ -68,6 +75,8 @@ def get_config(arg=None):
     c.ema_decay = p["ema_decay"]
   if "eps" in p:
     c.optim.eps = p["eps"]  # with QK RMSNorm (SD3 §5.3.1)
+  for axis, size in p.get("mesh", {}).items():
+    c.mesh.ici[axis] = size
   res = args.res or p.get("res", 0)
   if res:  # the position grid keeps SD3's base (sample_size 128): the data's size and the shift change
     if res % 16:

@@ -287,7 +287,7 @@ def compile_report(cfg: TrainConfig, topology: str, *, sample: bool = True) -> d
         "mesh": dict(mesh.shape), "global_batch": cfg.data.global_batch_size,
         "per_chip_batch": cfg.data.global_batch_size / parallel.data_parallel_size(mesh),
         "latent": list(latent_shape), "text_tokens": text_tokens, "params": model.param_count(cfg.model),
-        "remat": cfg.model.remat, "attention": cfg.model.attention, "dtype": cfg.model.dtype,
+        "remat": cfg.model.remat, "attention": "auto (splash)" if cfg.model.attention == "auto" else cfg.model.attention, "dtype": cfg.model.dtype,
         "microbatches": cfg.microbatches, "xla_flags": {"preset": cfg.xla_flags, **xla_presets.environment()},
         "param_gib": _per_device_bytes(abstract["params"], shardings["params"]) / GIB,
         "opt_gib": _per_device_bytes(abstract["opt_state"], shardings["opt_state"]) / GIB,
