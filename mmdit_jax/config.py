@@ -56,6 +56,7 @@ class DataConfig:
   prefetch: int = 8
   text_tokens: int = 154  # context tokens where no dataset states them (--mode=compile): SD3's 77 CLIP + 77 T5
   resolution: int = 0  # image pixels where no dataset states them (--mode=compile); 0: the model's sample_size
+  on_corrupt: str = "fail"  # a damaged record: fail naming it, or skip (replaced by the next readable, counted)
 
   def __post_init__(self):
     _check("data.global_batch_size", self.global_batch_size > 0, f"must be positive, got {self.global_batch_size}")
@@ -63,6 +64,7 @@ class DataConfig:
       rate = getattr(self, name)
       _check(f"data.{name}", 0 <= rate <= 1, f"is a probability in [0, 1], got {rate}")
     _check("data.num_threads", self.num_threads >= 1, f"must be >= 1, got {self.num_threads}")
+    _check("data.on_corrupt", self.on_corrupt in ("fail", "skip"), f"{self.on_corrupt!r}; valid: ['fail', 'skip']")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,6 +131,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.data.val_path = ""  # held-out split for validation loss; "" → the demo validation split, or data.path
   c.data.demo_examples = 8192  # size of the demo training split (when data.path is empty)
   c.data.global_batch_size = 256
+  c.data.on_corrupt = "fail"  # a damaged record: fail naming it and the verifier, or skip (replaced, counted)
   c.data.text_dropout = SD3_TEXT_DROPOUT  # per text encoder, independently (SD3: 46.3 % → ≈10 % fully unconditional)
   c.data.label_dropout = 0.1  # class-conditional: null-class rate for classifier-free guidance
   c.data.num_threads = 4  # grain reader threads

@@ -10,7 +10,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from mmdit_jax import fid, flow, model, parallel
+from mmdit_jax import data, fid, flow, model, parallel
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.flow import samplers
@@ -45,7 +45,7 @@ def validation_loss(cfg: TrainConfig, params, dataset, mesh, level_fn=None) -> d
   totals, count = np.zeros(8), 0
   for i in range(min(cfg.eval_batches, dataset.batches_per_epoch)):
     batch = dataset.load_batch(i, jax.process_index(), jax.process_count())
-    batch = {k: v for k, v in batch.items() if k not in ("index", "step")}
+    batch = {k: v for k, v in batch.items() if k not in data.HOST_ONLY}
     totals += np.asarray(parallel.to_host(level_fn(params, parallel.to_global(batch, mesh), i)))
     count += dataset.cfg.global_batch_size
   per_level = totals / max(count, 1)

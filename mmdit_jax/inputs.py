@@ -72,7 +72,8 @@ def check_data_fits_model(meta: data.Metadata, model_cfg, path: str):
 
 def _pipeline(cfg: TrainConfig, path: str, **kw) -> data.PipelineConfig:
   return data.PipelineConfig(path, cfg.data.global_batch_size, num_threads=cfg.data.num_threads,
-                             prefetch=cfg.data.prefetch, tfds_data_dir=cfg.data.tfds_data_dir, **kw)
+                             prefetch=cfg.data.prefetch, tfds_data_dir=cfg.data.tfds_data_dir,
+                             on_corrupt=cfg.data.on_corrupt, **kw)
 
 
 def training_set(cfg: TrainConfig, path: str) -> data.Dataset:

@@ -113,27 +113,43 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int, flops_per_step: float, batch_size: int):
     self.total, self.flops_per_step, self.batch = total_steps, flops_per_step, batch_size
-    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.restart(start_step)
     self.devices = jax.device_count()
     self.peak = peak_flops(jax.devices()[0].device_kind)
 
+  INPUT_BOUND = 0.3  # warn when the steps waited this fraction of their time for input …
+  INPUT_BOUND_LOGS = 3  # … at this many log points in a row
+
   def restart(self, step: int):
     """Measure from now and `step` on (after the first step's compilation)."""
-    self.last_step, self.last_time = step, time.perf_counter()
+    self.last_step, self.last_time, self.waited, self.bound_logs = step, time.perf_counter(), 0.0, 0
+
+  def waited_for_input(self, seconds: float):
+    """Time the loop spent waiting for the next batch (added up until the next update)."""
+    self.waited += seconds
 
   def update(self, step: int) -> dict:
-    """Rates since the last update; {} when no step has run since (e.g. right after compiling)."""
+    """Rates since the last update; {} when no step has run since (e.g. right after compiling).
+    perf/data_wait_s: seconds per step spent waiting for input; perf/data_wait_fraction: of the step time."""
     now = time.perf_counter()
     steps = step - self.last_step
     if steps <= 0:
       return {}
     dt = (now - self.last_time) / steps
-    self.last_step, self.last_time = step, now
+    wait = self.waited / steps
+    self.last_step, self.last_time, self.waited = step, now, 0.0
     tflops = self.flops_per_step / dt / self.devices / 1e12
+    fraction = min(1.0, wait / dt) if dt > 0 else 0.0
+    self.bound_logs = self.bound_logs + 1 if fraction >= self.INPUT_BOUND else 0
+    if self.bound_logs == self.INPUT_BOUND_LOGS:
+      warn(f"input-bound: steps waited {fraction:.0%} of their time for data at {self.INPUT_BOUND_LOGS} log points in "
+           "a row; raise config.data.num_threads / config.data.prefetch, or move the data closer (local SSD, a "
+           "gcsfuse mount with a file cache)")
     return {"perf/step_time_s": dt, "perf/examples_per_s": self.batch / dt,
             "perf/model_tflops_per_device": tflops,
             "perf/mfu": (tflops * 1e12 / self.peak) if self.peak else None,
-            "perf/eta_s": (self.total - step) * dt}
+            "perf/eta_s": (self.total - step) * dt,
+            "perf/data_wait_s": wait, "perf/data_wait_fraction": fraction}
 
   def line(self, step: int, loss: float, perf: dict) -> str:
     head = f"step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f}"
@@ -142,7 +158,7 @@ class Progress:
     mfu = f"{perf['perf/mfu']:.1%}" if perf["perf/mfu"] is not None else "unknown"
     return (f"{head} | {1 / perf['perf/step_time_s']:.2f} steps/s, {perf['perf/examples_per_s']:.1f} ex/s | "
             f"{perf['perf/model_tflops_per_device']:.3f} TFLOP/s/device, MFU {mfu} | "
-            f"ETA {format_eta(perf['perf/eta_s'])}")
+            f"input wait {perf['perf/data_wait_fraction']:.0%} | ETA {format_eta(perf['perf/eta_s'])}")
 
 
 def log(msg: str):

@@ -309,7 +309,7 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
     start, end = shards[i]
     examples = _encode_shard(items[start:end], start, c, autoencoder, text, dtype)
     features = _features(examples[0], bucketed=bool(c.buckets))
-    n = writer.write_shard(out / _shard_name(i), features, examples)
+    n = writer.write_shard(out / _shard_name(i), features, examples, verify=True)  # read back before it is done
     done = {"count": n, "shapes": [list(e["latent"].shape) for e in examples]}
     if c.label_key:
       done["max_label"] = max(int(e["label"]) for e in examples)

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import evaluate, inputs, model, parallel, paths, pretrained
+from mmdit_jax import data, evaluate, inputs, model, parallel, paths, pretrained
 from mmdit_jax.checkpoint import Checkpointer
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.errors import ConfigError, UserError
@@ -164,14 +164,17 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
       order_log = stack.enter_context((workdir / "data_order.jsonl").open("a"))
     progress = Progress(cfg.total_steps, start, flops_per_step, cfg.data.global_batch_size)
     bin_sum, bin_count = np.zeros(NUM_T_BINS), np.zeros(NUM_T_BINS)
-    last_metrics, summary = None, {}
+    last_metrics, summary, skipped_records = None, {}, 0
     step = start
     while step < cfg.total_steps:
+      wait_start = time.perf_counter()
       batch = next(iterator)
+      progress.waited_for_input(time.perf_counter() - wait_start)
+      skipped_records += int(batch["skipped_records"].sum())
       if order_log is not None:
         order_log.write(json.dumps({"step": step, "index": batch["index"].tolist()}) + "\n")
         order_log.flush()  # a debugging aid: complete even when the process is killed
-      gbatch = parallel.to_global({k: v for k, v in batch.items() if k not in ("index", "step")}, mesh)
+      gbatch = parallel.to_global({k: v for k, v in batch.items() if k not in data.HOST_ONLY}, mesh)
       if step == start:
         log("compiling the train step…")
         compile_start = time.perf_counter()
@@ -198,8 +201,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
         scalars = {k: m[k] for k in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "skipped")}
         scalars.update({f"loss_t_bin/{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c})
         scalars.update(perf)
+        if cfg.data.on_corrupt == "skip":
+          scalars["data/skipped_records"] = skipped_records  # (this host's, since this process started)
+          summary["skipped_records"] = skipped_records
         writer.write(step, scalars)
-        log(progress.line(step, float(m["loss"]), perf) + (f" | skipped {int(m['skipped'])}" if m["skipped"] else ""))
+        log(progress.line(step, float(m["loss"]), perf) + (f" | skipped {int(m['skipped'])}" if m["skipped"] else "")
+            + (f" | replaced {skipped_records} damaged records" if skipped_records else ""))
         bin_sum[:], bin_count[:] = 0, 0
         summary["loss"] = float(m["loss"])
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:

@@ -39,6 +39,12 @@ class PipelineConfig:
   prefetch: int = 8  # batches decoded ahead in the background
   tfds_data_dir: str = ""  # for path "tfds:NAME[:SPLIT]": the TFDS data_dir
   tfds_rename: tuple[tuple[str, str], ...] = ()  # TFDS feature → pipeline feature name
+  on_corrupt: str = "fail"  # a damaged record: "fail" (naming it) | "skip" (a deterministic replacement, counted)
+
+
+ON_CORRUPT = ("fail", "skip")
+HOST_ONLY = ("index", "step", "skipped_records")  # batch entries for the host's bookkeeping, not the model
+MAX_REPLACEMENT_TRIES = 64  # "skip": how far along the dataset to look for a readable replacement
 
 
 def _check_shard(file: str, count: int):
@@ -57,6 +63,8 @@ class Dataset:
   """Random access to a dataset and its batch plan; `iterator()` gives a checkpointable grain iterator."""
 
   def __init__(self, cfg: PipelineConfig):
+    if cfg.on_corrupt not in ON_CORRUPT:
+      raise records.DataError(f"config.data.on_corrupt={cfg.on_corrupt!r}; valid: {list(ON_CORRUPT)}")
     self.cfg = cfg
     self.path = epath.Path(cfg.path)
     if cfg.path.startswith("tfds:"):
@@ -139,12 +147,49 @@ class Dataset:
     return self.epoch_plan(epoch)[i]
 
   # Reading.
+  def where(self, index: int) -> str:
+    """'<shard file> record <i>' of a global example index."""
+    shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
+    return f"{self.path / self.meta.shards[shard][0]} record {index - self._offsets[shard]}"
+
   def read(self, index: int) -> dict:
+    """Example `index`, decoded and checked (finite values); a CorruptRecord names a damaged one."""
     if self.tfds is not None:
       return self.tfds.read(index)
-    shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
-    where = f"{self.path / self.meta.shards[shard][0]} record {index - self._offsets[shard]}"
-    return records.decode(self.source[int(index)], self.features, where)
+    try:
+      record = self.source[int(index)]
+    except Exception as e:  # Riegeli: "Corrupted Riegeli/records file: chunk data hash mismatch …"
+      raise records.CorruptRecord(self.where(index), f"unreadable ({str(e).splitlines()[0][:200] or type(e).__name__})")
+    try:
+      example = records.decode(record, self.features, self.where(index))
+    except records.DataError as e:
+      raise records.CorruptRecord(self.where(index), f"does not decode ({e})") from None
+    records.check_finite(example, self.where(index))
+    return example
+
+  def _read_or_replace(self, index: int, step: int) -> tuple[dict, int]:
+    """(example, 1 if it replaced a damaged record else 0): config.data.on_corrupt "skip" takes the next
+    readable example after a damaged one — a pure function of the data, so resumed runs read the same."""
+    try:
+      return self.read(index), 0
+    except records.CorruptRecord as e:
+      if self.cfg.on_corrupt != "skip":
+        raise records.DataError(
+            f"{e} — at step {step}. Find every damaged record with `python -m mmdit_jax.data.verify "
+            f"{self.path}`, then re-create those shards, or set config.data.on_corrupt=skip to train on with "
+            "each damaged record replaced by the next readable one (counted as data/skipped_records)") from None
+      first = e
+    n = self.meta.num_examples
+    for k in range(1, MAX_REPLACEMENT_TRIES + 1):
+      try:
+        example = self.read((index + k) % n)
+      except records.CorruptRecord:
+        continue
+      print(f"warning: skipped a damaged record at step {step}: {first}; used example {(index + k) % n} instead",
+            file=sys.stderr, flush=True)
+      return example, 1
+    raise records.DataError(f"{first} — at step {step}, and the next {MAX_REPLACEMENT_TRIES} examples are damaged too: "
+                            f"run `python -m mmdit_jax.data.verify {self.path}`")
 
   def _apply_dropout(self, batch: dict, step: int, rows: slice):
     rng = np.random.default_rng([self.cfg.seed, step, 0xD5])
@@ -175,11 +220,13 @@ class Dataset:
     local = b // process_count
     rows = slice(process_index * local, (process_index + 1) * local)
     idx = self.global_indices(step)[rows]
-    examples = [self.read(i) for i in idx]
+    read = [self._read_or_replace(int(i), step) for i in idx]
+    examples = [e for e, _ in read]
     batch = {f.name: np.stack([e[f.name] for e in examples]) for f in self.features}  # copies: writable
     self._apply_dropout(batch, step, rows)
     batch["index"] = idx.astype(np.int64)
     batch["step"] = np.full((local,), step, np.int64)
+    batch["skipped_records"] = np.asarray([r for _, r in read], np.int32)  # 1 where a damaged record was replaced
     return batch
 
   def iterator(self, process_index: int = 0, process_count: int = 1, start_step: int = 0):

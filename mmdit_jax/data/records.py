@@ -27,6 +27,21 @@ class DataError(UserError):
   """A dataset that does not match its metadata; the message names the file and record."""
 
 
+class CorruptRecord(DataError):
+  """One record that cannot be read, does not decode, or holds non-finite values; `where` names it."""
+
+  def __init__(self, where: str, reason: str):
+    super().__init__(f"{where}: {reason}")
+    self.where, self.reason = where, reason
+
+
+def check_finite(example: dict, where: str):
+  """A CorruptRecord naming the first floating feature with a NaN or infinity."""
+  for name, a in example.items():
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+      raise CorruptRecord(where, f"non-finite values in feature {name!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Feature:
   name: str

@@ -99,9 +99,10 @@ class DatasetWriter:
     return False
 
 
-def write_shard(path, features, examples: Iterable[dict], where: str = "") -> int:
+def write_shard(path, features, examples: Iterable[dict], where: str = "", verify: bool = False) -> int:
   """Writes one shard file atomically (written under a temporary name, then renamed or uploaded whole);
-  returns the record count."""
+  returns the record count. With `verify`, every record is read back and checked (data.verify) before
+  the shard takes its name."""
   path = epath.Path(path)
   count = [0]
 
@@ -113,6 +114,11 @@ def write_shard(path, features, examples: Iterable[dict], where: str = "") -> in
         count[0] = n
     finally:
       writer.close()
+    if verify:
+      from mmdit_jax.data.verify import verify_shard  # (verify reads shards; the writer only calls it)
+      bad = verify_shard(local, count[0], features)["bad"]
+      if bad:
+        raise records.DataError(f"{path}: the shard just written does not read back: {bad[:3]}")
 
   paths.write_atomically(path, write)
   return count[0]
