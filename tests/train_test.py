@@ -224,3 +224,17 @@ def test_unknown_config_keys_are_rejected():
     config_lib.from_config_dict(c)
 
 
+
+
+def test_progress_reports_input_wait(capsys):
+  """perf/data_wait_s and perf/data_wait_fraction per log interval, in the progress line; a warning after
+  three input-bound intervals in a row."""
+  from mmdit_jax.metrics import Progress
+  p = Progress(total_steps=100, start_step=0, flops_per_step=1e9, batch_size=8)
+  for step in (10, 20, 30):
+    p.last_time -= 1.0  # (each interval: 1 s for 10 steps …)
+    p.waited_for_input(0.6)  # (… of which 0.6 s waiting for data)
+    perf = p.update(step)
+    assert abs(perf["perf/data_wait_s"] - 0.06) < 0.01 and 0.5 < perf["perf/data_wait_fraction"] < 0.65
+  assert "input wait 6" in p.line(30, 1.0, perf)
+  assert "input-bound" in capsys.readouterr().err
