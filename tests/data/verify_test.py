@@ -105,3 +105,16 @@ def test_a_run_on_damaged_data_stops_naming_the_record(tmp_path):
   assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
   assert f"{name} record" in proc.stderr and "at step 0" in proc.stderr and "mmdit_jax.data.verify" in proc.stderr
   assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_finiteness_from_the_bits():
+  import ml_dtypes
+  from mmdit_jax.data import records
+  for dt in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16):
+    a = np.random.default_rng(0).standard_normal((7, 5)).astype(dt)
+    a[0, 0] = 60000 if dt is np.float16 else 1e30  # large but finite
+    assert records._finite(a), dt
+    for bad in (np.nan, np.inf, -np.inf):
+      b = a.copy()
+      b[3, 2] = bad
+      assert not records._finite(b), (dt, bad)
