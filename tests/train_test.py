@@ -128,12 +128,12 @@ def test_golden_steps():
 
 
 def test_gradient_accumulation_is_the_full_batch_update():
-  """config.microbatches = 4: a scan over four microbatches (each spread over the 2 × 4 data-parallel mesh)
+  """config.microbatches = 4: a scan over four microbatches (each spread over a 2 × 2 data-parallel mesh)
   gives the same step as the whole batch of 32 at once — the same t and noise per example, the same
   gradient, loss and per-time-bin sums — to float tolerance."""
   from mmdit_jax import parallel
   from mmdit_jax.state import state_shardings
-  mesh = parallel.make_mesh((2, 4, 1, 1))
+  mesh = parallel.make_mesh((2, 2, 1, 1), devices=jax.devices()[:4])
   batch = _batch(np.random.default_rng(0), n=32)
   out = {}
   for m in (1, 4):
@@ -151,6 +151,10 @@ def test_gradient_accumulation_is_the_full_batch_update():
   assert float(m1["update_norm"]) > 0
   with pytest.raises(errors.ConfigError, match="microbatches"):
     config(**{"microbatches": 3, "data.global_batch_size": 32})
+  # (the microbatch must also split over the data-parallel devices: checked at start-up)
+  from mmdit_jax.config import check_mesh_and_batch
+  with pytest.raises(errors.ConfigError, match="a microbatch of 2 is not divisible by the data-parallel size 8"):
+    check_mesh_and_batch(config(**{"microbatches": 16, "data.global_batch_size": 32}), jax.devices())
 
 
 def test_all_fsdp_step_equals_one_device():
