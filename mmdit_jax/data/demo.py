@@ -172,7 +172,8 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
             "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
             "text_encoders": TEXT_ENCODERS}
   with DatasetWriter(path, FEATURES, extras, examples_per_shard=examples_per_shard,
-                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True) as w:
+                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
+                     keep_existing=True) as w:
     for _ in range(num_examples):
       objects = random_scene(rng)
       context, pooled = encoder(caption(objects))
@@ -188,7 +189,8 @@ def write_demo_classes(path, num_examples: int, seed: int, examples_per_shard: i
   rng = np.random.default_rng(seed)
   extras = {"name": f"demo_classes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
             "num_classes": NUM_CLASSES}
-  with DatasetWriter(path, CLASS_FEATURES, extras, examples_per_shard=examples_per_shard, overwrite=True) as w:
+  with DatasetWriter(path, CLASS_FEATURES, extras, examples_per_shard=examples_per_shard, overwrite=True,
+                     keep_existing=True) as w:
     for _ in range(num_examples):
       label = int(rng.integers(NUM_CLASSES))
       w.write({"latent": render(class_scene(label, rng), rng).astype(np.float16), "label": np.int32(label)})

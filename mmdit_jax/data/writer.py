@@ -27,7 +27,8 @@ class DatasetWriter:
   """with DatasetWriter(path, features, extras) as w: w.write({...}); the dataset appears on exit."""
 
   def __init__(self, path, features, extras: dict | None = None, *, examples_per_shard: int = 4096,
-               null_embeddings: dict | None = None, bucket_feature: str = "latent", overwrite: bool = False):
+               null_embeddings: dict | None = None, bucket_feature: str = "latent", overwrite: bool = False,
+               keep_existing: bool = False):
     self.path = epath.Path(path)
     if self.path.exists() and not overwrite:
       raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
@@ -36,6 +37,7 @@ class DatasetWriter:
     self.extras = dict(extras or {})
     self.null_embeddings = null_embeddings
     self.examples_per_shard = examples_per_shard
+    self.keep_existing = keep_existing  # a deterministic dataset another process finished first is kept
     if paths.is_remote(self.path):
       self.tmp = epath.Path(tempfile.mkdtemp(prefix=f"{self.path.name}.partial-"))
     else:
@@ -74,6 +76,9 @@ class DatasetWriter:
       raise records.DataError(f"no examples were written to {self.path}")
     meta = finalize(self.tmp, self.features, self.shards, self.extras, self.null_embeddings,
                     self.shapes if self.bucket_feature else None)
+    if self.keep_existing and (self.path / records.METADATA).is_file():  # finished by another process meanwhile
+      self.tmp.rmtree()
+      return records.load_metadata(self.path)
     if self.path.exists():
       self.path.rmtree()
     if paths.is_remote(self.path):  # upload, metadata.json (the mark of completeness) last
@@ -83,7 +88,13 @@ class DatasetWriter:
         f.copy(self.path / f.name, overwrite=True)
       self.tmp.rmtree()
     else:
-      self.tmp.rename(self.path)
+      try:
+        self.tmp.rename(self.path)
+      except OSError:
+        if not (self.keep_existing and (self.path / records.METADATA).is_file()):
+          raise
+        self.tmp.rmtree()  # (another process renamed its identical copy first)
+        return records.load_metadata(self.path)
     return meta
 
   def __enter__(self):
