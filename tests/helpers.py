@@ -5,6 +5,7 @@ import os
 import pathlib
 import socket
 import sys
+import tracemalloc
 
 import jax
 import numpy as np
@@ -107,3 +108,17 @@ def assert_same_as_straight(straight, workdir):
     assert tree_equal(state[part], s_state[part]), part
   assert data_state == s_data
   assert data_order(workdir) == data_order(s_dir)
+
+
+def host_memory_of(load):
+  """(load()'s result, the peak host memory (tracemalloc: numpy's buffers) it used beyond what it kept):
+  run once first, so tracing and compilation caches are not counted. CPU devices may keep numpy's
+  buffers as their own, so what stays allocated is the placed parameters and is subtracted."""
+  load()
+  tracemalloc.start()
+  try:
+    result = load()
+    kept, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  return result, peak - kept

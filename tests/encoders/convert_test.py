@@ -79,9 +79,9 @@ def test_t5_loads_tensor_by_tensor_into_its_shards(tmp_path):
   """T5-XXL is 19 GB in float32: it is read one tensor at a time, each parameter placed shard by shard on an
   8-way FSDP mesh (a layer stack's shard reads only its layers). Host memory beyond the placed parameters
   (tracemalloc: numpy's buffers) stays under 8× the largest tensor, on a checkpoint 60× that size."""
-  import tracemalloc
   import transformers
   from mmdit_jax import parallel
+  from tests import helpers
   torch.manual_seed(0)
   ref = transformers.T5EncoderModel(transformers.T5Config(
       vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=12, feed_forward_proj="gated-gelu",
@@ -91,15 +91,9 @@ def test_t5_loads_tensor_by_tensor_into_its_shards(tmp_path):
   largest, total = max(sizes), sum(sizes)
   assert total > 60 * largest
   mesh = parallel.make_mesh((1, 8, 1, 1))
-  load = lambda: convert.load_t5(tmp_path, lambda c: api.param_shardings(c, mesh, parallel.DEFAULT_RULES))
-  load()  # once before measuring: tracing and compilation caches are not the weights
-  tracemalloc.start()
-  try:
-    cfg, params = load()
-    placed, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
-  assert peak - placed < 8 * largest, (peak - placed, largest, total)
+  (cfg, params), used = helpers.host_memory_of(
+      lambda: convert.load_t5(tmp_path, lambda c: api.param_shardings(c, mesh, parallel.DEFAULT_RULES)))
+  assert used < 8 * largest, (used, largest, total)
   _, eager = convert.load_t5(tmp_path)  # the same parameters as an unsharded import
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(eager), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -124,8 +124,8 @@ def test_big_weights_load_tensor_by_tensor_into_their_shards(tmp_path):
   at a time and each parameter placed shard by shard (a layer stack's shard reads only its layers) on an
   8-way FSDP mesh. Measured with tracemalloc (numpy's host buffers), beyond the parameters placed (CPU
   devices may adopt numpy buffers); the checkpoint is 72× its largest tensor here."""
-  import tracemalloc
   from mmdit_jax import parallel
+  from tests import helpers
   torch.manual_seed(0)
   ref = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=12,
                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
@@ -136,18 +136,11 @@ def test_big_weights_load_tensor_by_tensor_into_their_shards(tmp_path):
   largest, total = max(sizes), sum(sizes)
   assert total > 70 * largest
   mesh = parallel.make_mesh((1, 8, 1, 1))
-  load = lambda: model.from_diffusers(tmp_path, shardings=lambda c: model.param_shardings(c, mesh, parallel.DEFAULT_RULES))
-  load()  # once before measuring: tracing and compilation caches are not the weights
-  tracemalloc.start()
-  try:
-    cfg, params = load()
-    placed, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
-  peak -= placed  # CPU devices may keep numpy's buffers as their own: what stays is the placed parameters
+  (cfg, params), used = helpers.host_memory_of(lambda: model.from_diffusers(
+      tmp_path, shardings=lambda c: model.param_shardings(c, mesh, parallel.DEFAULT_RULES)))
   # A layer stack's shard plus one layer tensor being read (twice: safetensors' array, then float32 numpy),
   # and the import's bookkeeping: under 8× the largest tensor, where a whole-checkpoint load is 70×.
-  assert peak < 8 * largest, (peak, largest, total)
+  assert used < 8 * largest, (used, largest, total)
   _, eager = model.from_diffusers(tmp_path)  # the same parameters as an unsharded import
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(eager), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
