@@ -183,24 +183,24 @@ def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
   per_sample = any(r.negative_prompt for r in requests)  # else one shared unconditional branch: ""
   if inputs.is_demo(cfg):
     encoder = demo.DemoTextEncoder()
-    length = lambda r: 0
+    length = lambda r: None
 
-    def encode(texts):
+    def encode(texts, _length):
       enc = [encoder(t) for t in texts]
       return {"context": np.stack([c for c, _ in enc]), "pooled": np.stack([p for _, p in enc])}
   else:
     text, autoencoder = sd3_encoders(cfg, mesh)
-    encode = lambda texts: dict(zip(("context", "pooled"), text(texts)))
+    encode = lambda texts, n: dict(zip(("context", "pooled"), text(texts, t5_length=n)))
     length = lambda r: max(text.t5_length(r.prompt), text.t5_length(r.negative_prompt))
   shape = image_shape(cfg, inputs.pixel_space(cfg))
   by_length: dict[int, list[int]] = {}
   for i, r in enumerate(requests):
     by_length.setdefault(length(r), []).append(i)
   groups = []
-  for indices in by_length.values():
-    cond = encode([requests[i].prompt for i in indices])
-    null = (encode([requests[i].negative_prompt for i in indices]) if per_sample else
-            {k: v[0] for k, v in encode([""]).items()})
+  for n, indices in by_length.items():  # (prompts and their negatives padded to the group's T5 length)
+    cond = encode([requests[i].prompt for i in indices], n)
+    null = (encode([requests[i].negative_prompt for i in indices], n) if per_sample else
+            {k: v[0] for k, v in encode([""], n).items()})
     groups.append((np.asarray(indices), cond, cfg.model.null_cond(null), per_sample))
   return groups, shape, [r.prompt for r in requests], autoencoder
 

@@ -176,14 +176,17 @@ class SD3TextEncoder:
       return self.t5_tokens
     return max(self.t5_tokens, self.tok_t5.count(self._t5_text(prompt)))
 
-  def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
-    """float32 numpy (context, pooled) for a list of prompts (without T5 truncation: of one t5_length)."""
+  def __call__(self, prompts, t5_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 numpy (context, pooled) for a list of prompts, T5 padded to `t5_length` (default: the
+    prompts' one t5_length — without T5 truncation, prompts of different lengths need it given)."""
     prompts = list(prompts)
     lengths = sorted({self.t5_length(p) for p in prompts})
-    if len(lengths) > 1:
+    if t5_length is None and len(lengths) > 1:
       raise ValueError(f"prompts of T5 lengths {lengths} cannot share a batch: encode each length's prompts "
-                       "apart (t5_length)")
-    n_t5 = lengths[0] if lengths else self.t5_tokens
+                       "apart (t5_length), or pass the t5_length to pad them all to")
+    if t5_length is not None and lengths and (lengths[-1] > t5_length or (self.t5_truncate and t5_length != self.t5_tokens)):
+      raise ValueError(f"t5_length={t5_length} cannot hold these prompts' T5 lengths {lengths}")
+    n_t5 = t5_length if t5_length is not None else lengths[0] if lengths else self.t5_tokens
     ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
     ids_t5 = (self.tok_t5([self._t5_text(p) for p in prompts], n_t5) if self.cfg_t5 is not None
               else np.zeros((len(prompts), 1), np.int32))

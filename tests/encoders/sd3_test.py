@@ -104,3 +104,6 @@ def test_clip_skip_and_the_reference_t5_tokenisation(sd3_root):
   np.testing.assert_allclose(short, sd3.SD3TextEncoder(paths, mesh, t5_tokens=77)(prompts)[0], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="cannot share a batch"):
     ref_enc([long, prompts[0]])
+  both, _ = ref_enc([long, prompts[0]], t5_length=n)  # a group's length: a short negative beside a long prompt
+  assert both.shape == (2, 77 + n, 80)
+  np.testing.assert_allclose(both[0], context[0], rtol=1e-5, atol=1e-6)
