@@ -13,6 +13,7 @@ emulator the tests use), need MMDIT_JAX_CHECKPOINT_OCDBT=0: one zarr array per p
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -45,9 +46,26 @@ def _flat_shapes(tree):
   return {norm(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
+def _register_array_handler():
+  """Replica-parallel saving (each replica of a replicated array writes a slice of it) exists so that
+  hosts share the writing; in one process every replica is local and the same process writes all of it,
+  so it only adds an eager slice per array per device before each save (2 s of a 2-s save of the tiny
+  test model on 8 CPU devices). On pods it stays on, for arrays whose slices are at least 1 MiB."""
+  handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
+                                          min_slice_bytes_for_replica_parallel=1 << 20)
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns on every override of its default handler
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
 class Checkpointer:
   def __init__(self, directory, keep: int = 3, async_save: bool = True):
     self.directory = epath.Path(directory)
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     ocdbt = os.environ.get("MMDIT_JAX_CHECKPOINT_OCDBT", "1") != "0"
