@@ -40,6 +40,20 @@ def peak_flops(device_kind: str):
   return None
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch, when installed,
+  only to accept torch tensors (which this project never passes), and that import is 2 s of every start."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """TensorBoard event files and metrics.jsonl in the workdir (written by process 0 only).
 
@@ -53,8 +67,7 @@ class MetricWriter:
     self.path = epath.Path(workdir)
     self.tb = None
     if self.active:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(self.path / "tensorboard"))
+      self.tb = _summary_writer()(str(self.path / "tensorboard"))
       self.jsonl_path = self.path / "metrics.jsonl"
       self.lines = []
       if self.jsonl_path.exists():
