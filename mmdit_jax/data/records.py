@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 from etils import epath
@@ -41,8 +42,14 @@ _NONFINITE = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800
 _BF16_NONFINITE = (np.uint16, 0x7FFF, 0x7F80)
 
 
+_CHUNK = 1 << 16  # elements per pass of the finite check: its scratch buffer stays in cache
+_scratch = threading.local()  # one scratch buffer per reader thread
+
+
 def _finite(a: np.ndarray) -> bool:
-  """All values finite, from the bits (5× faster than np.isfinite on float16, the storage dtype)."""
+  """All values finite, from the bits: |x|'s bit pattern below that of infinity. In cache-sized chunks
+  through a reused per-thread buffer, 3× faster than one pass with a full-size temporary and 8× faster
+  than np.isfinite on float16, the storage dtype (benchmarks/data_loader.py)."""
   if a.size == 0:
     return True
   if a.dtype.name == "bfloat16":
@@ -51,7 +58,21 @@ def _finite(a: np.ndarray) -> bool:
     view, mask, limit = _NONFINITE[a.dtype.itemsize]
   else:
     return bool(np.isfinite(a).all())
-  return bool((np.ascontiguousarray(a).view(view) & view(mask)).max() < limit)
+  bits = np.ascontiguousarray(a).reshape(-1).view(view)
+  buffers = getattr(_scratch, "buffers", None)
+  if buffers is None:
+    buffers = _scratch.buffers = {}
+  buf = buffers.get(view)
+  if buf is None:
+    buf = buffers[view] = np.empty(_CHUNK, view)
+  mask = view(mask)
+  for start in range(0, bits.size, _CHUNK):
+    chunk = bits[start:start + _CHUNK]
+    out = buf[:chunk.size]
+    np.bitwise_and(chunk, mask, out=out)
+    if out.max() >= limit:
+      return False
+  return True
 
 
 def check_finite(example: dict, where: str):

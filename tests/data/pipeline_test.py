@@ -185,6 +185,20 @@ def test_writer_cli(tmp_path):
   assert meta.num_examples == 5 and len(meta.shards) == 3
 
 
+def test_shard_compression_is_the_writers_choice_and_readers_need_none(tmp_path):
+  from mmdit_jax.data import writer
+  arrays = {"latent": np.tile(np.arange(6, dtype=np.float16)[:, None, None, None], (1, 64, 64, 4))}  # compressible
+  sizes = {}
+  for compression in ("uncompressed", "zstd"):
+    writer.write_arrays(tmp_path / compression, arrays, examples_per_shard=3, compression=compression)
+    ds = data.Dataset(data.PipelineConfig(str(tmp_path / compression), 2, shuffle=False))
+    np.testing.assert_array_equal(np.stack([ds.read(i)["latent"] for i in range(6)]), arrays["latent"])
+    sizes[compression] = sum(f.stat().st_size for f in (tmp_path / compression).glob("*.array_record"))
+  assert sizes["zstd"] < sizes["uncompressed"]
+  with pytest.raises(ValueError, match=r"shard compression 'lz4'; valid: \['uncompressed', 'zstd'"):
+    writer.write_arrays(tmp_path / "lz4", arrays, compression="lz4")
+
+
 def test_tfds_array_record_source_without_tensorflow(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
 
