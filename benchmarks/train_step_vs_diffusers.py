@@ -1,11 +1,19 @@
-"""Times one MM-DiT training step (forward + backward + AdamW) in JAX and in diffusers/PyTorch.
+"""One MM-DiT training step (forward, backward, AdamW) in mmdit_jax and in diffusers + PyTorch, side by side.
 
-Same architecture, sizes and batch on this machine's CPU, run side by side; prints both step times and
-their ratio. Usage: python benchmarks/train_step_vs_diffusers.py [--depth 4 --width 256 --latent 32]
+Both run the same architecture with the same weights: diffusers' SD3Transformer2DModel is built (seeded),
+and its state dict goes through the project's importer (mmdit_jax.model.convert), so the two forward
+passes agree to float32 rounding (checked and printed). The steps are timed interleaved (jax, torch, jax,
+…) on this machine's CPU, and the medians of `--repeats` runs are compared, so a background load hits both.
+
+Usage: python benchmarks/train_step_vs_diffusers.py [--depth 4 --width 256 --latent 32 --batch 4
+                                                     --repeats 10 --profile DIR]
+  --profile DIR: also writes a JAX profiler trace of 3 steps (TensorBoard / Perfetto) and prints the
+  compiled step's own cost analysis (FLOPs, bytes) — the inputs of docs/performance.md.
 """
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,15 +24,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from mmdit_jax import flow, model  # noqa: E402
-
-
-def _time(fn, steps, warmup):
-  for _ in range(warmup):
-    fn()
-  start = time.perf_counter()
-  for _ in range(steps):
-    fn()
-  return (time.perf_counter() - start) / steps
+from mmdit_jax.model import convert  # noqa: E402
 
 
 def main():
@@ -35,11 +35,17 @@ def main():
   parser.add_argument("--text_tokens", type=int, default=77)
   parser.add_argument("--context_dim", type=int, default=512)
   parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
+  parser.add_argument("--scan_layers", type=int, default=1, help="config.model.scan_layers for the JAX model")
+  parser.add_argument("--profile", default="", help="directory for a JAX profiler trace of 3 steps")
   args = parser.parse_args()
+
+  import torch
+  from diffusers import SD3Transformer2DModel
+
   heads = args.width // 64
   b, s, c = args.batch, args.latent, 16
-
   rng = np.random.default_rng(0)
   x = rng.standard_normal((b, s, s, c)).astype(np.float32)
   noise = rng.standard_normal((b, s, s, c)).astype(np.float32)
@@ -47,13 +53,29 @@ def main():
   ctx = rng.standard_normal((b, args.text_tokens, args.context_dim)).astype(np.float32)
   pooled = rng.standard_normal((b, 2048)).astype(np.float32)
 
-  # JAX.
-  cfg = model.MMDiTConfig(depth=args.depth, hidden_size=args.width, num_heads=heads,
-                          context_dim=args.context_dim, pos_embed_max_size=s // 2, sample_size=s)
-  params = model.init(cfg, jax.random.key(0))
+  # The reference, and its weights imported into ours.
+  torch.manual_seed(0)
+  ref = SD3Transformer2DModel(
+      sample_size=s, patch_size=2, in_channels=c, num_layers=args.depth, attention_head_dim=64,
+      num_attention_heads=heads, joint_attention_dim=args.context_dim, caption_projection_dim=args.width,
+      pooled_projection_dim=2048, out_channels=c, pos_embed_max_size=s // 2)
+  tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+  cfg = convert.infer_config(tensors, dict(ref.config), attention=args.attention,
+                             scan_layers=bool(args.scan_layers))
+  params = convert.convert_state_dict(tensors, cfg)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   opt_state = tx.init(params)
   form = flow.parse_formulation("rf")
+  cond = {"context": jnp.asarray(ctx), "pooled": jnp.asarray(pooled)}
+
+  tx_, tn, tt, tc, tp = (torch.from_numpy(a) for a in (x, noise, t, ctx, pooled))
+  tx_, tn = tx_.permute(0, 3, 1, 2), tn.permute(0, 3, 1, 2)
+  with torch.no_grad():
+    z = (1 - tt[:, None, None, None]) * tx_ + tt[:, None, None, None] * tn
+    want = ref(hidden_states=z, encoder_hidden_states=tc, pooled_projections=tp, timestep=1000 * tt,
+               return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+  got = np.asarray(jax.jit(lambda p: model.forward(cfg, p, form.perturb(x, noise, t), jnp.asarray(t), cond))(params))
+  rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
   @jax.jit
   def step(params, opt_state, x, noise, t, ctx, pooled):
@@ -66,29 +88,16 @@ def main():
 
   inputs = [jnp.asarray(a) for a in (x, noise, t, ctx, pooled)]
   t0 = time.perf_counter()
-  state = [params, opt_state]
-  jax.block_until_ready(step(*state, *inputs))
+  compiled = step.lower(params, opt_state, *inputs).compile()
   compile_s = time.perf_counter() - t0
+  state = [params, opt_state]
 
   def jax_step():
-    p, o, loss = step(*state, *inputs)
+    p, o, loss = compiled(*state, *inputs)
     state[:] = [p, o]
     jax.block_until_ready(loss)
 
-  jax_s = _time(jax_step, args.steps, 1)
-
-  # PyTorch / diffusers.
-  import torch
-  from diffusers import SD3Transformer2DModel
-
-  torch.manual_seed(0)
-  ref = SD3Transformer2DModel(
-      sample_size=s, patch_size=2, in_channels=c, num_layers=args.depth, attention_head_dim=64,
-      num_attention_heads=heads, joint_attention_dim=args.context_dim, caption_projection_dim=args.width,
-      pooled_projection_dim=2048, out_channels=c, pos_embed_max_size=s // 2)
   opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0)
-  tx_, tn, tt, tc, tp = (torch.from_numpy(a) for a in (x, noise, t, ctx, pooled))
-  tx_, tn = tx_.permute(0, 3, 1, 2), tn.permute(0, 3, 1, 2)
 
   def torch_step():
     z = (1 - tt[:, None, None, None]) * tx_ + tt[:, None, None, None] * tn
@@ -99,14 +108,37 @@ def main():
     loss.backward()
     opt.step()
 
-  torch_s = _time(torch_step, args.steps, 1)
-  params_n = model.param_count(cfg)
+  def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+  jax_step(), torch_step()  # warm-up (allocators, thread pools)
+  jax_s, torch_s = [], []
+  for _ in range(args.repeats):
+    jax_s.append(timed(jax_step))
+    torch_s.append(timed(torch_step))
+  jax_med, torch_med = statistics.median(jax_s), statistics.median(torch_s)
+
   flops = model.train_flops(cfg, s, s, args.text_tokens) * b
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
   print(f"config: depth={args.depth} width={args.width} heads={heads} latent={s}x{s}x{c} "
-        f"tokens={(s // 2) ** 2}+{args.text_tokens} batch={b} params={params_n / 1e6:.1f}M")
-  print(f"jax   : {jax_s * 1e3:8.1f} ms/step  ({flops / jax_s / 1e9:.1f} GFLOP/s, compile {compile_s:.1f} s)")
-  print(f"torch : {torch_s * 1e3:8.1f} ms/step  ({flops / torch_s / 1e9:.1f} GFLOP/s)")
-  print(f"ratio torch/jax: {torch_s / jax_s:.2f}x")
+        f"tokens={(s // 2) ** 2}+{args.text_tokens} batch={b} params={model.param_count(cfg) / 1e6:.1f}M "
+        f"attention={args.attention} scan_layers={cfg.scan_layers}; same weights (forward rel. error {rel:.1e})")
+  print(f"jax   : median {jax_med * 1e3:7.1f} ms/step (min {min(jax_s) * 1e3:.1f}, {flops / jax_med / 1e9:.1f} GFLOP/s "
+        f"model; XLA counts {cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e9:.2f} GB "
+        f"per step; compile {compile_s:.1f} s)")
+  print(f"torch : median {torch_med * 1e3:7.1f} ms/step (min {min(torch_s) * 1e3:.1f}, "
+        f"{flops / torch_med / 1e9:.1f} GFLOP/s; {torch.get_num_threads()} threads)")
+  print(f"ratio mmdit_jax / (diffusers + torch): {jax_med / torch_med:.2f} (median of {args.repeats} interleaved)")
+
+  if args.profile:
+    jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    for _ in range(3):
+      jax_step()
+    jax.profiler.stop_trace()
+    print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
 
 
 if __name__ == "__main__":
