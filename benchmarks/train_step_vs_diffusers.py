@@ -37,6 +37,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
+  parser.add_argument("--remat", default="none", help="config.model.remat for the JAX model")
   parser.add_argument("--scan_layers", type=int, default=1, help="config.model.scan_layers for the JAX model")
   parser.add_argument("--profile", default="", help="directory for a JAX profiler trace of 3 steps")
   args = parser.parse_args()
@@ -61,7 +62,7 @@ def main():
       pooled_projection_dim=2048, out_channels=c, pos_embed_max_size=s // 2)
   tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   cfg = convert.infer_config(tensors, dict(ref.config), attention=args.attention,
-                             scan_layers=bool(args.scan_layers))
+                             scan_layers=bool(args.scan_layers), remat=args.remat)
   params = convert.convert_state_dict(tensors, cfg)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   opt_state = tx.init(params)
@@ -125,7 +126,7 @@ def main():
   cost = cost[0] if isinstance(cost, list) else cost
   print(f"config: depth={args.depth} width={args.width} heads={heads} latent={s}x{s}x{c} "
         f"tokens={(s // 2) ** 2}+{args.text_tokens} batch={b} params={model.param_count(cfg) / 1e6:.1f}M "
-        f"attention={args.attention} scan_layers={cfg.scan_layers}; same weights (forward rel. error {rel:.1e})")
+        f"attention={args.attention} scan_layers={cfg.scan_layers} remat={cfg.remat}; same weights (forward rel. error {rel:.1e})")
   print(f"jax   : median {jax_med * 1e3:7.1f} ms/step (min {min(jax_s) * 1e3:.1f}, {flops / jax_med / 1e9:.1f} GFLOP/s "
         f"model; XLA counts {cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e9:.2f} GB "
         f"per step; compile {compile_s:.1f} s)")
@@ -139,6 +140,46 @@ def main():
       jax_step()
     jax.profiler.stop_trace()
     print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
+    _print_breakdown(args.profile, steps=3)
+
+
+# XLA CPU thunk names → what they are (docs/performance.md's table).
+CATEGORIES = (("matmuls (ynn_fusion, dot)", ("ynn", "dot", "convolution")),
+              ("scan dynamic-slice / update", ("dynamic",)),
+              ("copies / transposes", ("copy", "transpose")),
+              ("zero-filled buffers (broadcast)", ("wrapped_broadcast",)),
+              ("element-wise fusions", ("",)))
+
+
+def _print_breakdown(directory, steps):
+  """Per-step time of the compiled step's ops by category, summed over XLA's CPU threads, from the trace."""
+  import collections
+  import glob
+  import gzip
+  import json
+  files = sorted(glob.glob(f"{directory}/plugins/profile/*/*.trace.json.gz"))
+  files = [f for f in files if "perfetto" not in f] or files
+  if not files:
+    print("(no trace file to break down)")
+    return
+  events = json.load(gzip.open(files[-1]))["traceEvents"]
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  totals, ops = collections.defaultdict(float), collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") != "X" or "XLAEigen" not in threads.get((e["pid"], e.get("tid")), ""):
+      continue
+    name = e["name"]
+    if name.startswith(("ThunkExecutor", "SlinkyThreadPool", "while")):
+      continue
+    category = next(c for c, keys in CATEGORIES if any(k in name for k in keys))
+    totals[category] += e["dur"] / 1e3 / steps
+    ops[name] += e["dur"] / 1e3 / steps
+  whole = sum(totals.values())
+  print(f"XLA CPU threads, per step (thread-ms, summed over threads; {whole:.0f} in all):")
+  for category, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+    print(f"  {ms:7.1f}  {100 * ms / whole:4.1f} %  {category}")
+  print("largest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
 
 
 if __name__ == "__main__":
