@@ -38,6 +38,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
   parser.add_argument("--remat", default="none", help="config.model.remat for the JAX model")
+  parser.add_argument("--remat_names", default="qkv,attn_out,mlp_in,mlp_out",
+                      help="with --remat=names: the checkpoint names saved (config.model.remat_names)")
   parser.add_argument("--scan_layers", type=int, default=1, help="config.model.scan_layers for the JAX model")
   parser.add_argument("--profile", default="", help="directory for a JAX profiler trace of 3 steps")
   args = parser.parse_args()
@@ -62,7 +64,8 @@ def main():
       pooled_projection_dim=2048, out_channels=c, pos_embed_max_size=s // 2)
   tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   cfg = convert.infer_config(tensors, dict(ref.config), attention=args.attention,
-                             scan_layers=bool(args.scan_layers), remat=args.remat)
+                             scan_layers=bool(args.scan_layers), remat=args.remat,
+                             remat_names=tuple(args.remat_names.split(",")) if args.remat == "names" else ())
   params = convert.convert_state_dict(tensors, cfg)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   opt_state = tx.init(params)
