@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmdit_jax.encoders.clip import CLIPTextConfig
+from mmdit_jax.encoders.clip_vision import CLIPVisionConfig
 from mmdit_jax.encoders.t5 import T5Config
 from mmdit_jax.encoders.vae import VAEConfig
 from mmdit_jax.model import api
@@ -199,6 +200,63 @@ def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
     return p + _torch_name(path)
 
   return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth - 1}, shardings)
+
+
+# CLIP vision (transformers CLIPVisionModelWithProjection; a full CLIPModel's file works too).
+
+KNOWN_CLIP_VISION = {(1024, 24): "quick_gelu",  # OpenAI ViT-L/14
+                     (1664, 48): "gelu"}  # OpenCLIP ViT-bigG/14
+
+
+def infer_clip_vision_config(tensors, config_json=None, **overrides) -> CLIPVisionConfig:
+  config_json = config_json or {}
+  config_json = config_json.get("vision_config", config_json)  # CLIPModel's config.json nests it
+  p = "vision_model."
+  width, _, patch, _ = shape_of(tensors, f"{p}embeddings.patch_embedding.weight")
+  depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
+  act = config_json.get("hidden_act") or KNOWN_CLIP_VISION.get((width, depth))
+  if act is None and "activation" not in overrides:
+    raise ConversionError(f"CLIP vision width {width}, depth {depth} is not a known checkpoint and no config.json "
+                          "gives hidden_act; pass activation= one of quick_gelu, gelu")
+  positions = shape_of(tensors, f"{p}embeddings.position_embedding.weight")[0]
+  side = round((positions - 1) ** 0.5)
+  if side * side != positions - 1:
+    raise ConversionError(f"{p}embeddings.position_embedding.weight has {positions} rows, not a square grid + 1")
+  if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
+    raise ConversionError(f"CLIP vision width {width}: heads are unknown without config.json (head dim 64 does "
+                          "not divide it); pass num_heads=")
+  cfg = dict(image_size=side * patch, patch_size=patch, width=width, depth=depth,
+             num_heads=int(config_json.get("num_attention_heads", width // 64)),
+             mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], activation=act,
+             projection_dim=shape_of(tensors, "visual_projection.weight")[0],
+             eps=float(config_json.get("layer_norm_eps", 1e-5)))
+  cfg.update(overrides)
+  return CLIPVisionConfig(**cfg)
+
+
+def convert_clip_vision(tensors, cfg: CLIPVisionConfig, shardings=None):
+  p = "vision_model."
+  tensors = select(tensors, lambda k: k.startswith((p, "visual_projection.")) and not k.endswith("position_ids"))
+  top = {("class_embedding",): f"{p}embeddings.class_embedding",
+         ("patch_embedding", "kernel"): f"{p}embeddings.patch_embedding.weight",
+         ("position_embedding",): f"{p}embeddings.position_embedding.weight",
+         ("visual_projection", "kernel"): "visual_projection.weight"}
+
+  def torch_name(path, i=None):
+    if path in top:
+      return top[path]
+    if path[0] == "layers":
+      return f"{p}encoder.layers.{i}." + _torch_name(path[2:])
+    return p + _torch_name(path)
+
+  return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth}, shardings)
+
+
+def load_clip_vision(path, shardings_for=None, **overrides):
+  """(CLIPVisionConfig, params) from a transformers CLIP vision (or whole CLIP) checkpoint, file or directory."""
+  tensors, config_json = load_safetensors(path, lazy=True)
+  cfg = infer_clip_vision_config(tensors, config_json, **overrides)
+  return cfg, convert_clip_vision(tensors, cfg, shardings_for(cfg) if shardings_for else None)
 
 
 def load_clip(path, shardings_for=None, part="clip_l", **overrides):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit_jax.encoders import clip, convert, t5, vae
+from mmdit_jax.encoders import clip, clip_vision, convert, t5, vae
 from mmdit_jax.model import api
 from mmdit_jax.model.weights import ConversionError
 
@@ -48,6 +48,40 @@ def test_clip_text_matches_transformers(tmp_path, act, eos):
   cfg_l = dataclasses.replace(cfg, pooled="unprojected")  # how SD3 takes CLIP-L's pooled vector
   _, pooled_l = jax.jit(lambda p, x: api.apply(cfg_l, p, x))(params, ids)
   assert _rel(pooled_l, unprojected) < 1e-4
+
+
+@pytest.mark.parametrize("act,whole_clip", [("quick_gelu", False), ("gelu", True)])
+def test_clip_vision_matches_transformers(tmp_path, act, whole_clip):
+  """The image tower's embeddings equal CLIPVisionModelWithProjection's on the same pixels (a vision-only
+  checkpoint, or a whole CLIPModel's file, whose text half the vision converter ignores)."""
+  import transformers
+  torch.manual_seed(0)
+  vision = dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, hidden_act=act, projection_dim=24)
+  if whole_clip:
+    full = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2), vision_config=vision, projection_dim=24)).eval()
+    full.save_pretrained(tmp_path)
+    ref = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
+  else:
+    ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**vision)).eval()
+    ref.save_pretrained(tmp_path)
+  pixels = np.random.default_rng(0).standard_normal((3, 28, 28, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).image_embeds.numpy()
+
+  cfg, params = convert.load_clip_vision(tmp_path)
+  assert (cfg.image_size, cfg.patch_size, cfg.depth, cfg.activation, cfg.projection_dim) == (28, 7, 3, act, 24)
+  got = jax.jit(lambda p, x: api.apply(cfg, p, x))(params, pixels)
+  assert _rel(got, want) < 1e-4
+  # The project's images in [−1, 1], any size: resized, cropped and normalised as CLIP expects.
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 40, 56, 3)).astype(np.float32)
+  pre = np.asarray(clip_vision.preprocess(images, 28))
+  assert pre.shape == (2, 28, 28, 3)
+  np.testing.assert_allclose(pre.mean((0, 1, 2)), (0.5 - np.array(clip_vision.CLIP_MEAN)) / clip_vision.CLIP_STD,
+                             atol=0.1)
+  assert clip_vision.embed_images(cfg, params, images).shape == (2, 24)
 
 
 def test_t5_encoder_matches_transformers(tmp_path):
@@ -187,3 +221,7 @@ def test_param_counts_of_the_real_shapes():
   assert counts["clip_g"] == pytest.approx(694.66, abs=0.01)
   assert counts["t5_xxl"] == pytest.approx(4762.31, abs=0.01)
   assert counts["vae"] == pytest.approx(83.82, abs=0.01)
+  # CLIP image towers with their projections: ViT-L/14 303.97M (CLIPModel's 427.62M less the 123.65M text
+  # tower above), ViT-bigG/14 1844.9M (OpenCLIP's 2539.6M less 694.66M).
+  assert api.param_count(clip_vision.CLIP_VIT_L14) / 1e6 == pytest.approx(303.97, abs=0.01)
+  assert api.param_count(clip_vision.CLIP_VIT_BIGG14) / 1e6 == pytest.approx(1844.9, abs=0.1)
