@@ -71,3 +71,46 @@ def test_cmmd_matches_the_formula():
   assert abs(fid.cmmd(x, x)) < 1e-3  # a set against itself
   with pytest.raises(ValueError, match="one width"):
     fid.cmmd(x, y[:, :16])
+
+
+def _tiny_study():
+  from configs import study
+  from tests import helpers
+  c = study.get_config("formulations=rf;eps/linear")  # (';' joins names in the preset argument)
+  c.train = helpers.config_dict(**{"eval.num_samples": 8, "debug.halt_at_step": 2, "debug.log_data_order": False})
+  c.steps, c.select_every = 4, 2
+  c.sample_steps, c.guidance, c.weights = (2,), (1.0, 3.0), ("ema",)
+  return c
+
+
+@pytest.mark.slow
+def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
+  """2 formulations × 1 seed × 4 steps: each run halts at step 2 (as a preemption would), the same call resumes
+  it; finished runs and scores are not recomputed; the table ranks both by non-dominated sorting."""
+  from mmdit_jax.study import runner
+  c = _tiny_study()
+  with pytest.raises(runner.StudyStopped, match="rf-s0 stopped"):
+    runner.run_study(c, tmp_path)
+  with pytest.raises(runner.StudyStopped, match="eps_linear-s0 stopped"):  # rf finished and scored; eps/linear halts
+    runner.run_study(c, tmp_path)
+  rf = tmp_path / "runs" / "rf-s0"
+  scored = {p.name: p.stat().st_mtime_ns for p in (rf / "scores").iterdir()}
+  assert sorted(scored) == ["euler-2steps-cfg1-ema.json", "euler-2steps-cfg3-ema.json"]
+  selection = (rf / "selection.json").read_text()
+  table = runner.run_study(c, tmp_path)
+  assert {p.name: p.stat().st_mtime_ns for p in (rf / "scores").iterdir()} == scored  # not recomputed
+  assert (rf / "selection.json").read_text() == selection
+  sel = runner.select_step(rf)
+  assert sel["step"] in (2, 4) and sel["val_ema/loss"] == min(sel["curve"].values())
+  assert set(table["average_rank"]) == {"rf", "eps/linear"}
+  for name, by_f in table["per_setting"].items():
+    points = {f: (e["alignment"], e["quality"]) for f, e in by_f.items()}
+    assert {f: e["rank"] for f, e in by_f.items()} == ranking.rank_settings({name: points}, (True, False))[name]
+  assert (tmp_path / "table.md").read_text().startswith("# Study") and (tmp_path / "table.csv").exists()
+  # A second shard of a finished study only ranks; bad shards and formulations are named.
+  assert runner.run_study(c, tmp_path, shard="1/2") == table
+  with pytest.raises(Exception, match="expected i/n"):
+    runner.run_study(c, tmp_path, shard="2/2")
+  c.formulations = "rf;paper8"
+  with pytest.raises(Exception, match="groups: "):
+    runner.run_study(c, tmp_path)

@@ -1,0 +1,295 @@
+"""SD3's study as a tool (§5.1): train each formulation × seed to a step budget, select each run's step of
+lowest EMA validation loss, sample it under every setting (steps × guidance × EMA/raw × sampler), score the
+samples, rank by non-dominated sorting per setting and average the ranks (Table 1).
+
+Layout under the study directory (every level resumable: finished parts are never recomputed):
+  runs/<formulation>-s<seed>/          an ordinary training workdir (checkpoints at every validation)
+  runs/<…>/selection.json              the step of lowest EMA validation loss, and the loss curve
+  runs/<…>/scores/<setting>.json       the scores of that step's samples under one setting
+  table.md, table.csv, table.json      the ranking (written once every run of the study has its scores)
+
+Runs are independent: `--shard i/n` takes runs i, i + n, …, so a study spreads over processes, jobs or
+hosts that share the study directory; the ranking is written by whichever shard finds every score present
+(or by `--stage=rank`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import re
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from mmdit_jax import config as config_lib
+from mmdit_jax import inputs, parallel
+from mmdit_jax.errors import UserError
+from mmdit_jax.flow import objectives
+from mmdit_jax.metrics import log
+from mmdit_jax.study import ranking
+
+# Formulation groups by name (the paper's families; `all61` is Table 1's every row).
+GROUPS = {
+    "all61": objectives.PAPER_FORMULATIONS,
+    "lognorm": tuple(n for n in objectives.PAPER_FORMULATIONS if n.startswith("rf/lognorm")),
+    "mode": tuple(n for n in objectives.PAPER_FORMULATIONS if n == "rf" or n.startswith("rf/mode")),
+    "edm": tuple(n for n in objectives.PAPER_FORMULATIONS if n.startswith("edm")),
+    "eps_v": ("eps/linear", "v/linear", "eps/cos", "v/cos"),
+    # The mini-study of the issue: SD3's winner, its close rivals, uniform rf and the classic baselines.
+    "paper7": ("rf/lognorm(0.00, 1.00)", "rf", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/cos",
+               "edm(-1.20, 1.20)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One sampler setting of the evaluation: the paper's 5/25/50 steps × guidance, with EMA or raw weights."""
+  steps: int
+  guidance: float
+  weights: str  # ema | raw
+  sampler: str = "euler"
+
+  @property
+  def name(self) -> str:
+    return f"{self.sampler}-{self.steps}steps-cfg{self.guidance:g}-{self.weights}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  formulation: str
+  seed: int
+
+  @property
+  def name(self) -> str:
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", self.formulation).strip("_")
+    return f"{slug}-s{self.seed}"
+
+
+def expand_formulations(spec) -> tuple[str, ...]:
+  """Names and group names ("lognorm", "paper7", …), separated by ';' (names contain commas) or as a
+  sequence; each name is checked by the formulation parser; duplicates are dropped, order kept."""
+  items = [s.strip() for s in (spec.split(";") if isinstance(spec, str) else spec) if s.strip()]
+  names = []
+  for item in items:
+    for name in GROUPS.get(item, (item,)):
+      try:
+        objectives.parse_formulation(name)
+      except ValueError as e:
+        raise UserError(f"config.formulations: {e}; groups: {sorted(GROUPS)}") from None
+      if name not in names:
+        names.append(name)
+  if not names:
+    raise UserError(f"config.formulations is empty; give names or groups {sorted(GROUPS)}")
+  return tuple(names)
+
+
+def settings_of(c) -> list[Setting]:
+  weights = tuple(c.weights)
+  bad = [w for w in weights if w not in ("ema", "raw")]
+  if bad:
+    raise UserError(f"config.weights has {bad}; valid: ['ema', 'raw']")
+  return [Setting(int(s), float(g), w, sampler) for sampler in c.samplers for s in c.sample_steps
+          for g in c.guidance for w in weights]
+
+
+def runs_of(c) -> list[Run]:
+  return [Run(f, int(s)) for f in expand_formulations(c.formulations) for s in c.seeds]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)/(\d+)", text or "0/1")
+  if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+    raise UserError(f"--shard={text!r}: expected i/n with 0 ≤ i < n, e.g. 0/4")
+  return int(m.group(1)), int(m.group(2))
+
+
+def train_config_dict(c, run: Run) -> ml_collections.ConfigDict:
+  """The run's training config: the study's base config with the run's formulation and seed, validated
+  and checkpointed together (so the step of lowest EMA validation loss has a checkpoint), all kept."""
+  t = copy.deepcopy(c.train)
+  t.formulation = run.formulation
+  t.seed = run.seed
+  t.total_steps = int(c.steps)
+  every = int(c.select_every)
+  if every < 1 or t.total_steps % every:
+    raise UserError(f"config.select_every={every} must divide config.steps={t.total_steps} (checkpoints are "
+                    "taken where validation runs, so the selected step can be sampled)")
+  t.eval_every = t.checkpoint_every = every
+  t.keep_checkpoints = t.total_steps // every + 1
+  t.sample_every = 0
+  return t
+
+
+def select_step(workdir) -> dict:
+  """The paper's criterion: the step with the lowest EMA validation loss among the run's validations."""
+  workdir = epath.Path(workdir)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  curve = {int(r["step"]): float(r["val_ema/loss"]) for r in rows if "val_ema/loss" in r}
+  if not curve:
+    raise UserError(f"{workdir}/metrics.jsonl has no val_ema/loss: the run validated nothing")
+  step = min(curve, key=lambda s: (curve[s] if np.isfinite(curve[s]) else np.inf, s))
+  return {"step": step, "val_ema/loss": curve[step], "curve": {str(k): v for k, v in sorted(curve.items())}}
+
+
+def _write_json(path, data):
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+  tmp.replace(path)  # whole or absent: a killed study never leaves a half-written score
+
+
+def train_run(c, run: Run, study_dir) -> dict:
+  from mmdit_jax import train
+  workdir = epath.Path(study_dir) / "runs" / run.name
+  selection_path = workdir / "selection.json"
+  if selection_path.exists():
+    return json.loads(selection_path.read_text())
+  cfg = config_lib.from_config_dict(train_config_dict(c, run))
+  log(f"study: training {run.formulation} (seed {run.seed}) → {workdir}")
+  summary = train.train_and_evaluate(cfg, workdir)
+  if "stopped" in summary:
+    raise StudyStopped(f"run {run.name} stopped ({summary['stopped']}); re-run the study to continue")
+  selection = select_step(workdir)
+  _write_json(selection_path, selection)
+  log(f"study: {run.name} selected step {selection['step']} (EMA validation loss {selection['val_ema/loss']:.4f})")
+  return selection
+
+
+class StudyStopped(Exception):
+  """A run was preempted or halted: the study stops too, to be resumed by the same command."""
+
+
+def score_run(c, run: Run, study_dir, selection: dict) -> dict:
+  """{setting name: scores} of the run's selected step, computing only the settings not yet scored."""
+  from mmdit_jax import evaluate
+  from mmdit_jax.checkpoint import Checkpointer
+  from mmdit_jax.sample import autoencoder_for
+  from mmdit_jax.state import make_optimizer, state_shardings
+  from flax import nnx
+  workdir = epath.Path(study_dir) / "runs" / run.name
+  settings = settings_of(c)
+  todo = [s for s in settings if not (workdir / "scores" / f"{s.name}.json").exists()]
+  if todo:
+    base = train_config_dict(c, run)
+    cfg = config_lib.from_config_dict(base)
+    mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
+    tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+        abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+        state, _ = ckpt.restore(selection["step"], abstract, shardings)
+    finally:
+      ckpt.close()
+    val_set = inputs.evaluation_set(cfg, inputs.dataset_paths(cfg)[1])
+    autoencoder = autoencoder_for(cfg, mesh)
+    for setting in todo:
+      t = copy.deepcopy(base)
+      t.sample.steps, t.sample.guidance, t.sample.sampler = setting.steps, setting.guidance, setting.sampler
+      scfg = config_lib.from_config_dict(t)
+      evaluator = evaluate.SampleEvaluator(scfg, val_set, mesh, workdir / "samples" / setting.name, autoencoder,
+                                           inputs.demo_kind(scfg) if inputs.is_demo(scfg) else None)
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(scfg.sharding_rules):
+        scores = evaluator(state["ema" if setting.weights == "ema" else "params"], selection["step"])
+      _write_json(workdir / "scores" / f"{setting.name}.json",
+                  {"run": run.name, "formulation": run.formulation, "seed": run.seed, "step": selection["step"],
+                   "setting": dataclasses.asdict(setting), "scores": scores})
+  return {s.name: json.loads((workdir / "scores" / f"{s.name}.json").read_text()) for s in settings}
+
+
+def rank_study(c, study_dir) -> dict | None:
+  """The Table-1 ranking from every run's scores, or None while some are missing. Metrics are averaged
+  over seeds per formulation before sorting; the seed-to-seed spread is reported beside them."""
+  study_dir = epath.Path(study_dir)
+  runs, settings = runs_of(c), settings_of(c)
+  align, quality = c.alignment_metric, c.quality_metric
+  per = {}  # (setting, formulation) → list of (alignment, quality)
+  for run in runs:
+    for s in settings:
+      path = study_dir / "runs" / run.name / "scores" / f"{s.name}.json"
+      if not path.exists():
+        return None
+      scores = json.loads(path.read_text())["scores"]
+      missing = [k for k in (align, quality) if k not in scores]
+      if missing:
+        raise UserError(f"{path}: no {missing} among the scores {sorted(scores)}; set config.alignment_metric / "
+                        "config.quality_metric to ones the evaluation reports")
+      per.setdefault((s.name, run.formulation), []).append((scores[align], scores[quality]))
+  means = {s.name: {f: tuple(np.mean(v, axis=0)) for (sn, f), v in per.items() if sn == s.name} for s in settings}
+  spread = {s.name: {f: tuple(np.std(v, axis=0)) for (sn, f), v in per.items() if sn == s.name} for s in settings}
+  ranks = ranking.rank_settings(means, (True, False))
+  average = ranking.average_ranks(ranks)
+  table = {"alignment_metric": align, "quality_metric": quality, "seeds": list(map(int, c.seeds)),
+           "steps": int(c.steps), "settings": [s.name for s in settings],
+           "average_rank": {f: {"mean": m, "settings": n} for f, (m, n) in average.items()},
+           "per_setting": {s: {f: {"rank": ranks[s][f], "alignment": means[s][f][0], "quality": means[s][f][1],
+                                   "alignment_std": spread[s][f][0], "quality_std": spread[s][f][1]}
+                               for f in ranks[s]} for s in ranks}}
+  _write_json(study_dir / "table.json", table)
+  (study_dir / "table.md").write_text(_markdown(table))
+  (study_dir / "table.csv").write_text(_csv(table))
+  log(f"study: ranking written to {study_dir / 'table.md'}")
+  return table
+
+
+def _markdown(table) -> str:
+  settings = table["settings"]
+  lines = [f"# Study: formulations ranked by non-dominated sorting on ({table['alignment_metric']} ↑, "
+           f"{table['quality_metric']} ↓) per setting, ranks averaged",
+           "", f"{table['steps']} training steps per run, seeds {table['seeds']}; each run sampled at its step of "
+           "lowest EMA validation loss; metrics are means over seeds (± their standard deviation).", "",
+           "| formulation | average rank | " + " | ".join(settings) + " |",
+           "|---|---|" + "---|" * len(settings)]
+  for f, avg in table["average_rank"].items():
+    cells = []
+    for s in settings:
+      e = table["per_setting"][s].get(f)
+      cells.append("—" if e is None else f"{e['rank']} ({e['alignment']:.3f}±{e['alignment_std']:.3f}, "
+                   f"{e['quality']:.2f}±{e['quality_std']:.2f})")
+    lines.append(f"| {f} | {avg['mean']:.2f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n\nCells: front index (alignment, quality).\n"
+
+
+def _csv(table) -> str:
+  out = io.StringIO()
+  w = csv.writer(out)
+  w.writerow(["formulation", "average_rank", "setting", "rank", "alignment", "alignment_std", "quality",
+              "quality_std"])
+  for f, avg in table["average_rank"].items():
+    for s, by_f in table["per_setting"].items():
+      if f in by_f:
+        e = by_f[f]
+        w.writerow([f, avg["mean"], s, e["rank"], e["alignment"], e["alignment_std"], e["quality"],
+                    e["quality_std"]])
+  return out.getvalue()
+
+
+def run_study(c, study_dir, shard: str = "0/1", stage: str = "all") -> dict | None:
+  """Trains, selects and scores this shard's runs (skipping whatever is done), then ranks when every run of
+  the study has its scores. stage: all | train (train and select only) | rank (rank only)."""
+  if stage not in ("all", "train", "rank"):
+    raise UserError(f"--stage={stage!r}; valid: all, train, rank")
+  index, count = parse_shard(shard)
+  runs = runs_of(c)
+  settings_of(c)  # (bad settings fail before any training)
+  study_dir = epath.Path(study_dir)
+  study_dir.mkdir(parents=True, exist_ok=True)
+  if stage != "rank":
+    mine = runs[index::count]
+    log(f"study: {len(runs)} runs × {len(settings_of(c))} settings; shard {index}/{count} has {len(mine)} runs")
+    for run in mine:
+      selection = train_run(c, run, study_dir)
+      if stage == "all":
+        score_run(c, run, study_dir, selection)
+  table = rank_study(c, study_dir)
+  if table is None:
+    log("study: some runs have no scores yet (other shards still working); the ranking is written by the "
+        "shard that finishes last, or by --stage=rank")
+  return table
