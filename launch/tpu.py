@@ -140,12 +140,15 @@ def run(a) -> int:
   log_dir = pathlib.Path(a.logs) / a.name
   log_dir.mkdir(parents=True, exist_ok=True)
   procs = []
-  for node in node_names(a):
-    for w in range(workers(a, node)):
-      cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *_where(a), f"--worker={w}", f"--command={remote}"]
-      print("+ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
-      proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      procs.append((f"{node}/{w}", proc, log_dir / f"{node}-worker-{w}.log"))
+  hosts = [(node, w) for node in node_names(a) for w in range(workers(a, node))]
+  for index, (node, w) in enumerate(hosts):
+    # {worker} / {workers}: this host's index over every slice, and their count — for jobs that split work
+    # between independent hosts (the study: --shard={worker}/{workers}).
+    here = remote.replace("{worker}", str(index)).replace("{workers}", str(len(hosts)))
+    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *_where(a), f"--worker={w}", f"--command={here}"]
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append((f"{node}/{w}", proc, log_dir / f"{node}-worker-{w}.log"))
 
   def pump(tag, proc, path):
     with open(path, "a") as log:

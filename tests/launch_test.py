@@ -116,6 +116,18 @@ def test_run_on_every_worker_with_logs(fake, tmp_path):
   assert "training on worker 1" in log.read_text()
 
 
+def test_a_study_spread_over_the_hosts_of_two_slices(fake):
+  """{worker}/{workers} in the command become each host's index over all slices and their count, so every
+  host runs its own shard of the study (launch/README.md)."""
+  study = ["python", "-m", "mmdit_jax.study", "--config=configs/study.py:formulations=all61",
+           "--workdir=gs://b/study", "--shard={worker}/{workers}"]
+  proc, calls = fake("run", "--name=st", *ZONE, "--slices=2", "--", *study, workers=2)
+  assert proc.returncode == 0, proc.stderr
+  shards = sorted((c[4], c[-2], c[-1].rsplit(" ", 1)[-1].strip("'")) for c in calls if "ssh" in c)  # (quoted: braces)
+  assert shards == [("st-0", "--worker=0", "--shard=0/4"), ("st-0", "--worker=1", "--shard=1/4"),
+                    ("st-1", "--worker=0", "--shard=2/4"), ("st-1", "--worker=1", "--shard=3/4")]
+
+
 def test_spot_preemption_recreates_and_resumes(fake):
   proc, calls = fake("train", "--name=sd3", *ZONE, "--type=v5p-128", "--spot", "--", *TRAIN, workers=1,
                      ssh_exits="75,0", missing=True)

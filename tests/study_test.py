@@ -107,6 +107,10 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
     points = {f: (e["alignment"], e["quality"]) for f, e in by_f.items()}
     assert {f: e["rank"] for f, e in by_f.items()} == ranking.rank_settings({name: points}, (True, False))[name]
   assert (tmp_path / "table.md").read_text().startswith("# Study") and (tmp_path / "table.csv").exists()
+  for plot in table["plots"]:  # linked from the table, real PNGs
+    assert f"({plot})" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert len(table["plots"]) == 4 + 2  # densities, loss per bin, validation, metrics vs steps; a front per setting
   # A second shard of a finished study only ranks; bad shards and formulations are named.
   assert runner.run_study(c, tmp_path, shard="1/2") == table
   with pytest.raises(Exception, match="expected i/n"):

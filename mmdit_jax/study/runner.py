@@ -232,11 +232,30 @@ def rank_study(c, study_dir) -> dict | None:
            "per_setting": {s: {f: {"rank": ranks[s][f], "alignment": means[s][f][0], "quality": means[s][f][1],
                                    "alignment_std": spread[s][f][0], "quality_std": spread[s][f][1]}
                                for f in ranks[s]} for s in ranks}}
+  table["plots"] = _plots(table, runs, settings, study_dir)
   _write_json(study_dir / "table.json", table)
   (study_dir / "table.md").write_text(_markdown(table))
   (study_dir / "table.csv").write_text(_csv(table))
   log(f"study: ranking written to {study_dir / 'table.md'}")
   return table
+
+
+def _plots(table, runs, settings, study_dir) -> list[str]:
+  """The study's PNGs under plots/, as paths relative to the study directory."""
+  from mmdit_jax.study import plots
+  d = epath.Path(study_dir) / "plots"
+  workdirs = {r.name: epath.Path(study_dir) / "runs" / r.name for r in runs}
+  selections = {n: json.loads((w / "selection.json").read_text()) for n, w in workdirs.items()}
+  made = [plots.densities(expand_formulations(table_formulations(table)), d / "densities.png"),
+          plots.loss_per_bin(workdirs, d / "loss_per_t_bin.png"),
+          plots.validation_curves(selections, d / "validation_loss.png"),
+          plots.metric_vs_steps(table, settings, d / "metrics_vs_steps.png")]
+  made += [plots.pareto_fronts(table, s.name, d / f"pareto_{s.name}.png") for s in settings]
+  return [f"plots/{p.name}" for p in made]
+
+
+def table_formulations(table) -> list[str]:
+  return list(table["average_rank"])
 
 
 def _markdown(table) -> str:
@@ -254,7 +273,9 @@ def _markdown(table) -> str:
       cells.append("—" if e is None else f"{e['rank']} ({e['alignment']:.3f}±{e['alignment_std']:.3f}, "
                    f"{e['quality']:.2f}±{e['quality_std']:.2f})")
     lines.append(f"| {f} | {avg['mean']:.2f} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n\nCells: front index (alignment, quality).\n"
+  lines += ["", "Cells: front index (alignment, quality).", "", "Plots: " + ", ".join(
+      f"[{p.split('/')[-1][:-4]}]({p})" for p in table.get("plots", []))]
+  return "\n".join(lines) + "\n"
 
 
 def _csv(table) -> str:
