@@ -37,8 +37,9 @@ def get_config(arg=None):
   c.weights = ("ema", "raw")
   c.samplers = ("euler",)
   # The two axes of the Pareto sorting: text alignment (higher is better) and image quality (lower is better).
-  # On the demo task alignment is the compositional accuracy; with a CLIP hook (train.eval.clip_score) use
-  # "clip_score".
+  # On the demo task alignment is the compositional accuracy. On real data give a CLIP model
+  # (--config.train.eval.clip=DIR, a transformers CLIPModel directory) and use "clip_score" and "cmmd" (or keep
+  # FID: train.eval.fid_network=inception).
   c.alignment_metric = "demo/accuracy_all"
   c.quality_metric = f"fid/{c.train.eval.fid_network}"
   return c

@@ -132,10 +132,16 @@ class EvalConfig:
   fid_network: str = "demo"  # demo | inception | none (mmdit_jax.fid)
   inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth or its .safetensors
   clip_score: str = ""  # hook 'package.module:factory' → (embed_images, embed_texts); '' → off
+  clip: str = ""  # a transformers CLIPModel directory: clip_score (with captions) and cmmd, in JAX; '' → off
 
   def __post_init__(self):
     _check("eval.fid_network", self.fid_network in FID_NETWORKS, f"{self.fid_network!r}; valid: {list(FID_NETWORKS)}")
     _check("eval.num_samples", self.num_samples >= 2, f"must be at least 2, got {self.num_samples}")
+    if self.clip:
+      from etils import epath
+      _check("eval.clip", (epath.Path(self.clip) / "config.json").is_file(),
+             f"{self.clip!r} is not a transformers CLIPModel directory (no config.json there); e.g. a local copy "
+             "of openai/clip-vit-large-patch14 with its tokenizer files")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,6 +194,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.eval.fid_network = "demo"  # demo | inception | none
   c.eval.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth (or .safetensors) for "inception"
   c.eval.clip_score = ""  # 'package.module:factory' returning (embed_images, embed_texts)
+  c.eval.clip = ""  # a transformers CLIPModel directory (e.g. clip-vit-large-patch14): CLIP score and CMMD in JAX
 
   c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
   c.encoders.t5_tokens = 256  # T5 length with these encoders (diffusers' default; 77 as SD3 trained)

@@ -219,6 +219,10 @@ class SampleEvaluator:
     self.fid_fn = (None if ecfg.fid_network == "none" or self.decode is None
                    else fid.feature_network(ecfg.fid_network, ecfg.inception_weights))
     self.clip_hook = fid.load_clip_score_hook(ecfg.clip_score)
+    self.clip = None
+    if ecfg.clip and self.decode is not None:
+      from mmdit_jax.clip_metrics import CLIPMetrics
+      self.clip = CLIPMetrics(ecfg.clip)
     self.noise = sample_noise(cfg.sample.seed, np.arange(n), self.latent_shape)
     self.generate = jax.jit(make_generate(cfg))
     if self.decode is None:
@@ -245,6 +249,10 @@ class SampleEvaluator:
       results[f"fid/{self.cfg.eval.fid_network}"] = fid.fid(self.fid_fn, images, self.reference)
     if self.clip_hook is not None and self.captions is not None:
       results["clip_score"] = fid.clip_score(*self.clip_hook, images, self.captions)
+    if self.clip is not None:
+      results["cmmd"] = self.clip.cmmd(images, self.reference)
+      if self.captions is not None and self.clip_hook is None:
+        results["clip_score"] = self.clip.clip_score(images, self.captions)
     grid = grid_image(to_uint8(images), scale=4 if images.shape[1] <= 64 else 1)
     if jax.process_index() == 0:
       save_png(grid, self.out_dir / f"step_{step:07d}.png")

@@ -24,8 +24,12 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   # ema_decay 0.5: the sampled EMA weights leave adaLN-Zero's initial state within 4 steps, so the
   # conditioning (prompts, negative prompts) shows in the samples.
+  from tests.study_test import _tiny_clip_model
+  clip_dir = tmp_path_factory.mktemp("clip")
+  _tiny_clip_model(clip_dir)  # CLIP score and CMMD in the sample evaluations
   cfg = config(**{"mesh.ici.data": 2, "mesh.ici.fsdp": 4, "total_steps": 4, "sample_every": 2,
-                  "eval.num_samples": 8, "sample.steps": 2, "ema_decay": 0.5})
+                  "eval.num_samples": 8, "sample.steps": 2, "ema_decay": 0.5,
+                  "eval.clip": str(clip_dir)})
   summary = train.train_and_evaluate(cfg, workdir)
   return workdir, cfg, summary
 
@@ -37,6 +41,7 @@ def test_periodic_sample_evaluation_during_training(trained):
   fids = {m["step"]: m["fid/demo"] for m in logged if "fid/demo" in m}
   assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
   assert summary["fid/demo"] == fids[4] and "demo/accuracy_all" in summary
+  assert np.isfinite(summary["cmmd"]) and 0 <= summary["clip_score"] <= 100  # (eval.clip: a tiny random CLIP)
   assert _image_steps(workdir / "tensorboard", "samples") == [2, 4]
 
 

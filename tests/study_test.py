@@ -118,3 +118,50 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
   c.formulations = "rf;paper8"
   with pytest.raises(Exception, match="groups: "):
     runner.run_study(c, tmp_path)
+
+
+def _tiny_clip_model(path):
+  """A tiny random transformers CLIPModel with a CLIP tokenizer, saved as a directory."""
+  import torch
+  import transformers
+  from tests import torch_reference
+  vocab = torch_reference.write_clip_tokenizer(path)
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"],
+                       bos_token_id=vocab["<|startoftext|>"]),
+      vision_config=dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4), projection_dim=16)).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def test_clip_score_and_cmmd_in_jax_match_transformers(tmp_path):
+  """CLIPMetrics on a whole CLIPModel directory: its text and image embeddings are transformers' (same ids,
+  same preprocessed pixels), so CLIP score and CMMD equal the formulas on transformers' features."""
+  import torch
+  from mmdit_jax import config as config_lib
+  from mmdit_jax.clip_metrics import CLIPMetrics
+  from mmdit_jax.encoders import clip_vision
+  ref = _tiny_clip_model(tmp_path / "clip")
+  metrics = CLIPMetrics(tmp_path / "clip", batch_size=4)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (6, 32, 32, 3)).astype(np.float32)
+  reference = np.clip(images[::-1] * 0.5 + 0.2, -1, 1)
+  texts = ["a red circle", "a photo of a dog", "a cat", "red", "dog at the top", "circle"]
+  with torch.no_grad():
+    pix = lambda x: torch.from_numpy(np.asarray(clip_vision.preprocess(x, 28))).permute(0, 3, 1, 2)
+    img = ref.get_image_features(pixel_values=pix(images))
+    img = (img.pooler_output if hasattr(img, "pooler_output") else img).numpy()
+    rimg = ref.get_image_features(pixel_values=pix(reference))
+    rimg = (rimg.pooler_output if hasattr(rimg, "pooler_output") else rimg).numpy()
+    txt = ref.get_text_features(input_ids=torch.from_numpy(metrics.tokenizer(texts).astype(np.int64)))
+    txt = (txt.pooler_output if hasattr(txt, "pooler_output") else txt).numpy()
+  np.testing.assert_allclose(metrics.embed_images(images), img, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(metrics.embed_texts(texts), txt, rtol=1e-4, atol=1e-5)
+  cos = (img * txt).sum(-1) / np.linalg.norm(img, axis=-1) / np.linalg.norm(txt, axis=-1)
+  assert metrics.clip_score(images, texts) == pytest.approx(np.mean(100 * np.maximum(cos, 0)), rel=1e-4)
+  assert metrics.cmmd(images, reference) == pytest.approx(_cmmd_numpy(img, rimg), rel=1e-3, abs=1e-4)
+  with pytest.raises(Exception, match=r"config.eval.clip: .* is not a transformers CLIPModel directory"):
+    config_lib.EvalConfig(clip=str(tmp_path / "nowhere"))

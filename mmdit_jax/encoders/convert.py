@@ -160,6 +160,7 @@ def _clip_prefix(tensors):
 
 def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
   config_json = config_json or {}
+  config_json = config_json.get("text_config", config_json)  # a whole CLIPModel's config.json nests it
   p = _clip_prefix(tensors)
   vocab, width = shape_of(tensors, f"{p}embeddings.token_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
@@ -185,7 +186,8 @@ def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
 
 def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
   p = _clip_prefix(tensors)
-  tensors = select(tensors, lambda k: not k.endswith("position_ids"))  # a buffer in old files
+  tensors = select(tensors, lambda k: not k.endswith("position_ids")  # a buffer in old files
+                   and not k.startswith(("vision_model.", "visual_projection.", "logit_scale")))  # a CLIPModel's
   top = {("token_embedding", "embedding"): f"{p}embeddings.token_embedding.weight",
          ("position_embedding",): f"{p}embeddings.position_embedding.weight",
          ("text_projection", "kernel"): "text_projection.weight"}
