@@ -41,5 +41,8 @@ def get_config(arg=None):
   # (--config.train.eval.clip=DIR, a transformers CLIPModel directory) and use "clip_score" and "cmmd" (or keep
   # FID: train.eval.fid_network=inception).
   c.alignment_metric = "demo/accuracy_all"
+  # Also score every validated checkpoint under this setting (its name, e.g. "euler-25steps-cfg4-ema"; "" off):
+  # the correlation of EMA validation loss with the metrics, over all checkpoints of all runs.
+  c.curve_setting = "euler-25steps-cfg4-ema"
   c.quality_metric = f"fid/{c.train.eval.fid_network}"
   return c

@@ -80,6 +80,7 @@ def _tiny_study():
   c.train = helpers.config_dict(**{"eval.num_samples": 8, "debug.halt_at_step": 2, "debug.log_data_order": False})
   c.steps, c.select_every = 4, 2
   c.sample_steps, c.guidance, c.weights = (2,), (1.0, 3.0), ("ema",)
+  c.curve_setting = "euler-2steps-cfg3-ema"
   return c
 
 
@@ -94,11 +95,11 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
   with pytest.raises(runner.StudyStopped, match="eps_linear-s0 stopped"):  # rf finished and scored; eps/linear halts
     runner.run_study(c, tmp_path)
   rf = tmp_path / "runs" / "rf-s0"
-  scored = {p.name: p.stat().st_mtime_ns for p in (rf / "scores").iterdir()}
-  assert sorted(scored) == ["euler-2steps-cfg1-ema.json", "euler-2steps-cfg3-ema.json"]
+  scored = {p.name: p.stat().st_mtime_ns for p in (rf / "scores").rglob("*.json")}
+  assert sorted(scored) == ["0000002.json", "0000004.json", "euler-2steps-cfg1-ema.json", "euler-2steps-cfg3-ema.json"]
   selection = (rf / "selection.json").read_text()
   table = runner.run_study(c, tmp_path)
-  assert {p.name: p.stat().st_mtime_ns for p in (rf / "scores").iterdir()} == scored  # not recomputed
+  assert {p.name: p.stat().st_mtime_ns for p in (rf / "scores").rglob("*.json")} == scored  # not recomputed
   assert (rf / "selection.json").read_text() == selection
   sel = runner.select_step(rf)
   assert sel["step"] in (2, 4) and sel["val_ema/loss"] == min(sel["curve"].values())
@@ -110,11 +111,20 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
   for plot in table["plots"]:  # linked from the table, real PNGs
     assert f"({plot})" in (tmp_path / "table.md").read_text()
     assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert len(table["plots"]) == 4 + 2  # densities, loss per bin, validation, metrics vs steps; a front per setting
+  assert len(table["plots"]) == 4 + 2 + 1  # densities, loss per bin, validation, metrics vs steps; a front per
+  # setting; validation loss against the metrics of every checkpoint (steps 2 and 4 of both runs)
+  lvm = table["loss_vs_metrics"]
+  assert lvm["setting"] == "euler-2steps-cfg3-ema" and len(lvm["points"]) == 4
+  assert lvm["quality"]["n"] == 4 and -1 <= lvm["quality"]["pearson"] <= 1
+  assert sorted(p.name for p in (rf / "scores" / "curve").iterdir()) == ["0000002.json", "0000004.json"]
   # A second shard of a finished study only ranks; bad shards and formulations are named.
   assert runner.run_study(c, tmp_path, shard="1/2") == table
   with pytest.raises(Exception, match="expected i/n"):
     runner.run_study(c, tmp_path, shard="2/2")
+  c.curve_setting = "euler-9steps-cfg3-ema"
+  with pytest.raises(Exception, match="is not one of the study's settings"):
+    runner.run_study(c, tmp_path)
+  c.curve_setting = ""
   c.formulations = "rf;paper8"
   with pytest.raises(Exception, match="groups: "):
     runner.run_study(c, tmp_path)

@@ -109,3 +109,18 @@ def pareto_fronts(table: dict, setting: str, path):
          title=setting)
   ax.legend(fontsize=7)
   return _save(fig, path)
+
+
+def loss_vs_metrics(table: dict, path):
+  """EMA validation loss against the alignment and quality of each scored checkpoint, coloured by formulation."""
+  plt = _pyplot()
+  lvm = table["loss_vs_metrics"]
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+  for f in sorted({p["formulation"] for p in lvm["points"]}):
+    pts = [p for p in lvm["points"] if p["formulation"] == f]
+    a1.plot([p["val_ema/loss"] for p in pts], [p["alignment"] for p in pts], "o", ms=4, label=f)
+    a2.plot([p["val_ema/loss"] for p in pts], [p["quality"] for p in pts], "o", ms=4, label=f)
+  a1.set(xlabel="EMA validation loss", ylabel=table["alignment_metric"], title=lvm["setting"])
+  a2.set(xlabel="EMA validation loss", ylabel=table["quality_metric"], title=lvm["setting"])
+  a2.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+  return _save(fig, path)

@@ -166,8 +166,21 @@ class StudyStopped(Exception):
   """A run was preempted or halted: the study stops too, to be resumed by the same command."""
 
 
+def curve_setting(c) -> Setting | None:
+  """The setting under which every validated checkpoint is also scored (config.curve_setting: a setting's
+  name, or "" for none), for the paper's claim that validation loss tracks sample quality."""
+  name = c.get("curve_setting", "")
+  if not name:
+    return None
+  by_name = {s.name: s for s in settings_of(c)}
+  if name not in by_name:
+    raise UserError(f"config.curve_setting={name!r} is not one of the study's settings {sorted(by_name)}")
+  return by_name[name]
+
+
 def score_run(c, run: Run, study_dir, selection: dict) -> dict:
-  """{setting name: scores} of the run's selected step, computing only the settings not yet scored."""
+  """{setting name: scores} of the run's selected step, computing only the settings not yet scored; with a
+  curve setting, also that setting's scores of every validated checkpoint (scores/curve/<step>.json)."""
   from mmdit_jax import evaluate
   from mmdit_jax.checkpoint import Checkpointer
   from mmdit_jax.sample import autoencoder_for
@@ -175,33 +188,73 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
   from flax import nnx
   workdir = epath.Path(study_dir) / "runs" / run.name
   settings = settings_of(c)
-  todo = [s for s in settings if not (workdir / "scores" / f"{s.name}.json").exists()]
+  jobs = [(selection["step"], s, workdir / "scores" / f"{s.name}.json") for s in settings]
+  curve = curve_setting(c)
+  if curve is not None:
+    jobs += [(int(step), curve, workdir / "scores" / "curve" / f"{int(step):07d}.json") for step in selection["curve"]]
+  todo = [j for j in jobs if not j[2].exists()]
   if todo:
     base = train_config_dict(c, run)
     cfg = config_lib.from_config_dict(base)
     mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
     tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    try:
-      with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-        abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-        state, _ = ckpt.restore(selection["step"], abstract, shardings)
-    finally:
-      ckpt.close()
     val_set = inputs.evaluation_set(cfg, inputs.dataset_paths(cfg)[1])
     autoencoder = autoencoder_for(cfg, mesh)
-    for setting in todo:
-      t = copy.deepcopy(base)
-      t.sample.steps, t.sample.guidance, t.sample.sampler = setting.steps, setting.guidance, setting.sampler
-      scfg = config_lib.from_config_dict(t)
-      evaluator = evaluate.SampleEvaluator(scfg, val_set, mesh, workdir / "samples" / setting.name, autoencoder,
-                                           inputs.demo_kind(scfg) if inputs.is_demo(scfg) else None)
-      with jax.set_mesh(mesh), nnx.logical_axis_rules(scfg.sharding_rules):
-        scores = evaluator(state["ema" if setting.weights == "ema" else "params"], selection["step"])
-      _write_json(workdir / "scores" / f"{setting.name}.json",
-                  {"run": run.name, "formulation": run.formulation, "seed": run.seed, "step": selection["step"],
-                   "setting": dataclasses.asdict(setting), "scores": scores})
+    evaluators = {}
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+      for step in sorted({j[0] for j in todo}):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
+          abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+          state, _ = ckpt.restore(step, abstract, shardings)
+        for _, setting, path in [j for j in todo if j[0] == step]:
+          if setting not in evaluators:
+            t = copy.deepcopy(base)
+            t.sample.steps, t.sample.guidance, t.sample.sampler = setting.steps, setting.guidance, setting.sampler
+            scfg = config_lib.from_config_dict(t)
+            evaluators[setting] = (scfg, evaluate.SampleEvaluator(
+                scfg, val_set, mesh, workdir / "samples" / setting.name, autoencoder,
+                inputs.demo_kind(scfg) if inputs.is_demo(scfg) else None))
+          scfg, evaluator = evaluators[setting]
+          with jax.set_mesh(mesh), nnx.logical_axis_rules(scfg.sharding_rules):
+            scores = evaluator(state["ema" if setting.weights == "ema" else "params"], step)
+          _write_json(path, {"run": run.name, "formulation": run.formulation, "seed": run.seed, "step": step,
+                             "setting": dataclasses.asdict(setting), "scores": scores,
+                             "val_ema/loss": selection["curve"][str(step)]})
+    finally:
+      ckpt.close()
   return {s.name: json.loads((workdir / "scores" / f"{s.name}.json").read_text()) for s in settings}
+
+
+def loss_vs_metrics(c, study_dir) -> dict | None:
+  """Pearson and Spearman correlations, over every scored checkpoint of every run, between the EMA validation
+  loss and the curve setting's alignment and quality metrics (the paper: lower validation loss, better
+  samples, i.e. a negative correlation with alignment and a positive one with FID)."""
+  setting = curve_setting(c)
+  if setting is None:
+    return None
+  points = []
+  for run in runs_of(c):
+    d = epath.Path(study_dir) / "runs" / run.name / "scores" / "curve"
+    for path in sorted(d.glob("*.json")) if d.exists() else []:
+      r = json.loads(path.read_text())
+      points.append((run.formulation, r["step"], r["val_ema/loss"], r["scores"].get(c.alignment_metric, np.nan),
+                     r["scores"].get(c.quality_metric, np.nan)))
+  if len(points) < 3:
+    return None
+  loss, align, qual = (np.asarray([p[i] for p in points], np.float64) for i in (2, 3, 4))
+
+  def corr(a, b):
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+      return {"pearson": None, "spearman": None, "n": int(ok.sum())}
+    rank = lambda x: np.argsort(np.argsort(x)).astype(np.float64)
+    return {"pearson": float(np.corrcoef(a[ok], b[ok])[0, 1]),
+            "spearman": float(np.corrcoef(rank(a[ok]), rank(b[ok]))[0, 1]), "n": int(ok.sum())}
+
+  return {"setting": setting.name, "alignment": corr(loss, align), "quality": corr(loss, qual),
+          "points": [{"formulation": f, "step": s, "val_ema/loss": l, "alignment": a, "quality": q}
+                     for f, s, l, a, q in points]}
 
 
 def rank_study(c, study_dir) -> dict | None:
@@ -232,6 +285,7 @@ def rank_study(c, study_dir) -> dict | None:
            "per_setting": {s: {f: {"rank": ranks[s][f], "alignment": means[s][f][0], "quality": means[s][f][1],
                                    "alignment_std": spread[s][f][0], "quality_std": spread[s][f][1]}
                                for f in ranks[s]} for s in ranks}}
+  table["loss_vs_metrics"] = loss_vs_metrics(c, study_dir)
   table["plots"] = _plots(table, runs, settings, study_dir)
   _write_json(study_dir / "table.json", table)
   (study_dir / "table.md").write_text(_markdown(table))
@@ -251,6 +305,8 @@ def _plots(table, runs, settings, study_dir) -> list[str]:
           plots.validation_curves(selections, d / "validation_loss.png"),
           plots.metric_vs_steps(table, settings, d / "metrics_vs_steps.png")]
   made += [plots.pareto_fronts(table, s.name, d / f"pareto_{s.name}.png") for s in settings]
+  if table.get("loss_vs_metrics"):
+    made.append(plots.loss_vs_metrics(table, d / "val_loss_vs_metrics.png"))
   return [f"plots/{p.name}" for p in made]
 
 
@@ -273,6 +329,11 @@ def _markdown(table) -> str:
       cells.append("—" if e is None else f"{e['rank']} ({e['alignment']:.3f}±{e['alignment_std']:.3f}, "
                    f"{e['quality']:.2f}±{e['quality_std']:.2f})")
     lines.append(f"| {f} | {avg['mean']:.2f} | " + " | ".join(cells) + " |")
+  lvm = table.get("loss_vs_metrics")
+  if lvm:
+    fmt = lambda r: "—" if r["pearson"] is None else f"Pearson {r['pearson']:+.2f}, Spearman {r['spearman']:+.2f} (n={r['n']})"
+    lines += ["", f"EMA validation loss against the samples of every validated checkpoint ({lvm['setting']}): "
+              f"{table['alignment_metric']} {fmt(lvm['alignment'])}; {table['quality_metric']} {fmt(lvm['quality'])}."]
   lines += ["", "Cells: front index (alignment, quality).", "", "Plots: " + ", ".join(
       f"[{p.split('/')[-1][:-4]}]({p})" for p in table.get("plots", []))]
   return "\n".join(lines) + "\n"
