@@ -198,7 +198,7 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
     cfg = config_lib.from_config_dict(base)
     mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
     tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
-    val_set = inputs.evaluation_set(cfg, inputs.dataset_paths(cfg)[1])
+    val_set = inputs.evaluation_set(cfg, inputs.dataset_paths(cfg, announce=False)[1])
     autoencoder = autoencoder_for(cfg, mesh)
     evaluators = {}
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
