@@ -57,8 +57,12 @@ class DataConfig:
   text_tokens: int = 154  # context tokens where no dataset states them (--mode=compile): SD3's 77 CLIP + 77 T5
   resolution: int = 0  # image pixels where no dataset states them (--mode=compile); 0: the model's sample_size
   on_corrupt: str = "fail"  # a damaged record: fail naming it, or skip (replaced by the next readable, counted)
+  # Pixels per latent cell along a side (SD3's VAE: 8; pixel-space data: 1), for shift_base_resolution;
+  # 0: read from the dataset's metadata (its VAE, or "pixels": true) at start-up.
+  latent_downsample: int = 0
 
   def __post_init__(self):
+    _check("data.latent_downsample", self.latent_downsample >= 0, f"must be >= 0, got {self.latent_downsample}")
     _check("data.global_batch_size", self.global_batch_size > 0, f"must be positive, got {self.global_batch_size}")
     for name in ("text_dropout", "label_dropout"):
       rate = getattr(self, name)
@@ -206,6 +210,9 @@ class TrainConfig:
   init: str = ""  # "diffusers:DIR": start from official SD3 weights (mmdit_jax.pretrained); "" random init
   microbatches: int = 1  # gradient accumulation: the global batch in this many sequential parts, one update
   xla_flags: str = "none"  # XLA / libtpu flag preset (mmdit_jax.xla_presets), set before JAX starts
+  # > 0: the timestep shift per aspect bucket, α = √(H·W / base²) from the batch's pixel size (SD3 §5.3.2),
+  # instead of config.shift for every batch; each bucket's program is compiled once with its α.
+  shift_base_resolution: int = 0
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -271,7 +278,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug", "init", "microbatches", "xla_flags")
+             "encoders", "debug", "init", "microbatches", "xla_flags", "shift_base_resolution")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -291,6 +298,10 @@ def from_config_dict(c) -> TrainConfig:
     _check(name, c[name] >= 0, f"must be >= 0 (0: off), got {c[name]}")
   xla_presets.check(str(c.get("xla_flags", "none")))
   microbatches = int(c.get("microbatches", 1))
+  shift_base = int(c.get("shift_base_resolution", 0))
+  _check("shift_base_resolution", shift_base >= 0, f"must be >= 0 (0: config.shift for every batch), got {shift_base}")
+  _check("shift_base_resolution", not (shift_base and float(c.get("shift", 1.0)) != 1.0),
+         f"{shift_base} derives α per bucket, and config.shift={c.shift} sets one α for every batch: set one of them")
   _check("microbatches", microbatches >= 1 and c.data.global_batch_size % microbatches == 0,
          f"must be >= 1 and divide data.global_batch_size {c.data.global_batch_size}, got {microbatches}")
   mesh = MeshConfig(ici=axis_sizes(_plain(c.mesh.ici), "config.mesh.ici"),
@@ -314,7 +325,8 @@ def from_config_dict(c) -> TrainConfig:
       force_eval=bool(c.force_eval), sample=sample_cfg,
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
       debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches,
-      xla_flags=str(c.get("xla_flags", "none")), source=json.dumps(_plain(c), sort_keys=True, default=str))
+      xla_flags=str(c.get("xla_flags", "none")), shift_base_resolution=shift_base,
+      source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 
 def check_mesh_and_batch(cfg: TrainConfig, devices):

@@ -123,6 +123,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.total_steps = 1000
   c.formulation = "rf/lognorm(0.00, 1.00)"  # any of mmdit_jax.flow.PAPER_FORMULATIONS
   c.shift = 1.0  # resolution-dependent timestep shift α (SD3 uses 3.0 at 1024²)
+  c.shift_base_resolution = 0  # > 0: α per aspect bucket, √(H·W / base²) (SD3 §5.3.2); 0: config.shift always
   c.model = model_fields(backbone, **model_overrides)
 
   c.data = ml_collections.ConfigDict()
@@ -138,6 +139,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.data.prefetch = 8  # batches decoded ahead
   c.data.text_tokens = 154  # context tokens where no dataset states them (--mode=compile): SD3's 77 CLIP + 77 T5
   c.data.resolution = 0  # image pixels where no dataset states them (--mode=compile); 0: the model's sample_size
+  c.data.latent_downsample = 0  # pixels per latent cell (VAE 8, pixels 1) for shift_base_resolution; 0: from the data
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -65,11 +65,14 @@ def validation_both(cfg: TrainConfig, state, dataset, mesh, level_fn=None) -> di
 
 # ── Generation ──
 
-def sampling_grid(cfg: TrainConfig):
+def sampling_grid(cfg: TrainConfig, latent_hw=None):
   """The sampler's steps + 1 decreasing times (config.sample.schedule, or the explicit sample.timesteps):
   by default SD3's reference grid for rf, uniform in log-SNR for the EDM processes, else the shifted
-  uniform grid."""
+  uniform grid. With config.shift_base_resolution the shift is the requested size's (latent_hw)."""
   f, s = cfg.formulation, cfg.sample
+  if cfg.shift_base_resolution and latent_hw is not None and cfg.data.latent_downsample:
+    from mmdit_jax.train_step import bucket_shift
+    f = f.with_shift(bucket_shift(cfg, latent_hw))
   if s.timesteps:
     return jnp.asarray(s.timesteps, jnp.float32)
   schedule = s.schedule
@@ -95,7 +98,7 @@ def make_generate(cfg: TrainConfig):
   def generate(params, cond, null_cond, noise, ts=None):
     b = noise.shape[0]
     if ts is None:
-      ts = sampling_grid(cfg)  # traced: nothing is computed outside the compiled program
+      ts = sampling_grid(cfg, noise.shape[1:3])  # traced: nothing is computed outside the compiled program
 
     def net(z, t, guided):
       zin = f.model_input(z, t)

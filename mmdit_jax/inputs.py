@@ -102,3 +102,26 @@ def latent_shape(ds: data.Dataset) -> tuple[int, int, int]:
 def text_tokens(ds: data.Dataset) -> int:
   names = [f.name for f in ds.meta.features]
   return int(ds.meta.feature("context").shape[0]) if "context" in names else 0
+
+
+SD3_VAE_DOWNSAMPLE = 8  # SD3's autoencoder: 8× fewer latent cells per side than pixels
+
+
+def with_latent_downsample(cfg: TrainConfig) -> TrainConfig:
+  """cfg with data.latent_downsample known where config.shift_base_resolution needs it (α per bucket from the
+  bucket's pixels): 1 for pixel-space data (the demos, "pixels": true), the recorded VAE's factor for
+  precomputed latents, SD3's 8 for latents the metadata does not describe or for official weights (init)."""
+  import dataclasses
+  if not cfg.shift_base_resolution or cfg.data.latent_downsample:
+    return cfg
+  if not cfg.data.path:
+    factor = SD3_VAE_DOWNSAMPLE if cfg.init else 1  # (the embedded demos are pixel-space)
+  elif cfg.data.path.startswith("tfds:"):
+    raise ConfigError("config.shift_base_resolution on a TFDS source: set config.data.latent_downsample (pixels "
+                      "per latent cell: 8 for SD3's VAE, 1 for images)")
+  else:
+    extras = data.load_metadata(cfg.data.path).extras
+    vae = (extras.get("encoders") or {}).get("vae") or {}
+    blocks = (vae.get("config") or {}).get("block_out_channels")
+    factor = 1 if extras.get("pixels") else 2 ** (len(blocks) - 1) if blocks else SD3_VAE_DOWNSAMPLE
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, latent_downsample=factor))

@@ -132,7 +132,8 @@ def _run():
   except OSError as e:  # config_flags defers a missing or unloadable file to its first use (no other I/O here)
     raise UserError(f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: "
                     f"{str(e).strip().splitlines()[-1].strip()}") from e
-  from mmdit_jax import sample, train
+  from mmdit_jax import inputs, sample, train
+  cfg = inputs.with_latent_downsample(cfg)  # (config.shift_base_resolution: α per bucket needs pixels per latent)
   if _MODE.value == "train":
     summary = train.train_and_evaluate(cfg, _WORKDIR.value)
     if summary.get("stopped"):

@@ -24,7 +24,7 @@ from mmdit_jax.errors import ConfigError, UserError
 from mmdit_jax.metrics import MetricWriter, Progress, log, warn
 from mmdit_jax.parallel.distributed import check_same_everywhere
 from mmdit_jax.state import make_optimizer, restore_or_init
-from mmdit_jax.train_step import NUM_T_BINS, jit_train_step
+from mmdit_jax.train_step import NUM_T_BINS, bucket_shift, jit_train_step
 
 RESULTS = "results.json"
 
@@ -98,6 +98,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
       raise ConfigError(f"debug.log_data_order appends to workdir/data_order.jsonl, which object stores cannot "
                         f"do: use a local workdir for it, not {workdir}")
     cfg, imported = pretrained.resolve(cfg)  # config.init: the model as the official weights define it
+    cfg = inputs.with_latent_downsample(cfg)  # (shift_base_resolution: α per bucket from its pixel size)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(cfg.source)
@@ -201,6 +202,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
         scalars = {k: m[k] for k in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "skipped")}
         scalars.update({f"loss_t_bin/{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c})
         scalars.update(perf)
+        if cfg.shift_base_resolution:  # the timestep shift of this step's aspect bucket
+          scalars["shift"] = bucket_shift(cfg, batch["latent"].shape[1:3])
         if cfg.data.on_corrupt == "skip":
           scalars["data/skipped_records"] = skipped_records  # (this host's, since this process started)
           summary["skipped_records"] = skipped_records

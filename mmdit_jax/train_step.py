@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmdit_jax import model
+from mmdit_jax import flow, model
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.model.layers import constrain
 from mmdit_jax.parallel import batch_sharding
@@ -19,10 +19,24 @@ from mmdit_jax.parallel import batch_sharding
 NUM_T_BINS = 8
 
 
+def bucket_shift(cfg: TrainConfig, latent_hw) -> float:
+  """The timestep shift α of a batch of latents (H, W): config.shift, or with config.shift_base_resolution the
+  bucket's own, √(H·W·f² / base²) for f pixels per latent cell (SD3 §5.3.2). Static: one program per bucket."""
+  if not cfg.shift_base_resolution:
+    return cfg.formulation.shift
+  f = cfg.data.latent_downsample
+  if not f:
+    raise ValueError("config.data.latent_downsample is unknown (0): train.py sets it from the dataset before "
+                     "building the step; set it when calling the step directly")
+  h, w = latent_hw
+  return flow.resolution_shift(h * w * f * f, cfg.shift_base_resolution ** 2)
+
+
 def draw(cfg: TrainConfig, key, x_shape):
-  """The step's randomness for a batch of latents of x_shape: (t (B,), noise)."""
+  """The step's randomness for a batch of latents of x_shape: (t (B,), noise), t drawn with the batch's shift."""
   k_t, k_noise = jax.random.split(key)
-  return cfg.formulation.sample_t(k_t, (x_shape[0],)), jax.random.normal(k_noise, x_shape, jnp.float32)
+  form = cfg.formulation.with_shift(bucket_shift(cfg, x_shape[1:3]))
+  return form.sample_t(k_t, (x_shape[0],)), jax.random.normal(k_noise, x_shape, jnp.float32)
 
 
 def per_example_loss(cfg: TrainConfig, params, batch, t, noise):

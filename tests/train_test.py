@@ -239,3 +239,49 @@ def test_progress_reports_input_wait(capsys):
     assert abs(perf["perf/data_wait_s"] - 0.06) < 0.01 and 0.5 < perf["perf/data_wait_fraction"] < 0.65
   assert "input wait 6" in p.line(30, 1.0, perf)
   assert "input-bound" in capsys.readouterr().err
+
+
+def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path):
+  """config.shift_base_resolution: α = √(H·W / base²) per aspect bucket (SD3 §5.3.2) — in the drawn t, the logged
+  metrics and the sampling grid — one compiled program per bucket, and both processes of a 2-process run
+  reading the same bucket at every step."""
+  import math
+  from mmdit_jax import data, evaluate, inputs, train
+  from mmdit_jax.flow import samplers
+  from mmdit_jax.train_step import bucket_shift, draw
+  rng = np.random.default_rng(0)
+  feats = [data.Feature("latent", (None, None, 3), "float32"), data.Feature("context", (32, 32), "float32"),
+           data.Feature("pooled", (32,), "float32")]
+  with data.DatasetWriter(tmp_path / "buckets", feats, {"pixels": True}, examples_per_shard=16) as w:
+    for i in range(32):  # two buckets (H × W): 32 × 32 and 16 × 32 pixels
+      h = 32 if i % 2 else 16
+      w.write({"latent": rng.uniform(-1, 1, (h, 32, 3)).astype(np.float32),
+               "context": rng.standard_normal((32, 32)).astype(np.float32),
+               "pooled": rng.standard_normal(32).astype(np.float32)})
+  cfg = inputs.with_latent_downsample(config(**{"data.path": str(tmp_path / "buckets"), "shift_base_resolution": 32,
+                                                "total_steps": 6, "log_every": 1}))
+  assert cfg.data.latent_downsample == 1  # pixel-space data
+  assert bucket_shift(cfg, (32, 32)) == 1.0 and bucket_shift(cfg, (16, 32)) == pytest.approx(math.sqrt(0.5))
+  key = jax.random.key(3)
+  t, _ = draw(cfg, key, (8, 16, 32, 3))
+  want = cfg.formulation.with_shift(math.sqrt(0.5)).sample_t(jax.random.split(key)[0], (8,))
+  np.testing.assert_allclose(t, want, rtol=1e-6)
+  np.testing.assert_allclose(evaluate.sampling_grid(cfg, (16, 32)),
+                             samplers.reference_grid(cfg.sample.steps, shift=math.sqrt(0.5)), rtol=1e-6)
+
+  ds = data.Dataset(data.PipelineConfig(cfg.data.path, cfg.data.global_batch_size))
+  shapes = [ds.load_batch(s)["latent"].shape[1:3] for s in range(6)]
+  assert set(shapes) == {(32, 32), (16, 32)}
+  assert all(ds.load_batch(s, 0, 2)["latent"].shape == ds.load_batch(s, 1, 2)["latent"].shape for s in range(6))
+  tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+  step = jax.jit(make_train_step(cfg, tx, schedule))
+  state = jax.jit(lambda k: init_state(cfg.model, tx, k))(jax.random.key(0))
+  for s in range(6):
+    batch = {k: v for k, v in ds.load_batch(s).items() if k not in data.HOST_ONLY}
+    state, m = step(state, batch)
+    assert np.isfinite(float(m["loss"]))
+  assert step._cache_size() == 2  # one program per bucket, reused
+
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  logged = {r["step"]: r["shift"] for r in helpers.metrics(tmp_path / "run") if "shift" in r}
+  assert logged == {s + 1: bucket_shift(cfg, shapes[s]) for s in range(6)}
