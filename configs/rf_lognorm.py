@@ -2,6 +2,8 @@
 
 Preset arguments: size (tiny | demo | 2b | 8b), data (dataset path), steps, res (pixels: the images' size
 and SD3's timestep shift for it; 2b/8b default to SD3's 256² pretraining), batch (global batch size),
+stage=hires with base_run=WORKDIR (SD3's high-resolution, mixed-aspect fine-tune from a 256² run: its
+weights, a shift per aspect bucket against 256²),
 sampling (the inference settings of SD3's / SD3.5's reference code or diffusers' pipeline, by name:
 defaults.REFERENCE_SAMPLING — sd3_medium, sd3.5_medium, sd3.5_medium_slg, sd3.5_large, sd3.5_large_turbo,
 diffusers).
@@ -21,6 +23,10 @@ Launch commands:
   # Official SD3.5 Medium weights, sampled as SD3.5's reference code does (DPM++ 2M, 50 steps, 1024²):
   python -m mmdit_jax.main --config=configs/rf_lognorm.py:sampling=sd3.5_medium --mode=sample \
       --config.init=diffusers:/ckpt/stable-diffusion-3.5-medium --prompt="a red fox" --workdir=/tmp/fox
+  # SD3's second stage: from that 256² run, fine-tune on 1024²-area aspect buckets (precompute with
+  # --config.buckets) with the timestep shift of each bucket:
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=2b,stage=hires,base_run=gs://bucket/runs/sd3_2b,data=gs://bucket/latents1024 \
+      --workdir=gs://bucket/runs/sd3_2b_hires
   # Another formulation of the paper's study, another mesh:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py --config.formulation="eps/linear" \
       --config.mesh.ici.data=2 --config.mesh.ici.fsdp=-1 --workdir=…
@@ -59,7 +65,7 @@ SD3_SHIFT = {1024: 3.0}  # SD3 §5.3.2 chose α = 3.0 at 1024²; other resolutio
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, size="tiny", data="", steps=0, res=0, batch=0, sampling="")
+  args = defaults.parse_arg(arg, size="tiny", data="", steps=0, res=0, batch=0, sampling="", stage="", base_run="")
   if args.size not in PRESETS:
     raise defaults.ConfigError(f"unknown size {args.size!r}; valid: {sorted(PRESETS)}")
   p = PRESETS[args.size]
@@ -87,6 +93,17 @@ def get_config(arg=None):
       raise defaults.ConfigError(f"res={res} is not a multiple of 16 (VAE factor 8 × patch 2)")
     c.data.resolution = res
     c.shift = SD3_SHIFT.get(res, max(1.0, resolution_shift(res ** 2)))
+  if args.stage not in ("", "hires"):
+    raise defaults.ConfigError(f"unknown stage {args.stage!r}; valid: 'hires'")
+  if args.stage == "hires":
+    # SD3's second stage: from the 256² run's weights, mixed-aspect buckets around res² (default 1024²), the
+    # timestep shift of each bucket from its pixels against 256² (α = √(H·W) / 256), not one shift for all.
+    if not args.base_run:
+      raise defaults.ConfigError("stage=hires starts from a 256² run: give base_run=WORKDIR (its newest weights)")
+    c.init = f"run:{args.base_run}"
+    c.data.resolution = args.res or 1024
+    c.shift = 1.0
+    c.shift_base_resolution = 256
   if args.sampling:
     defaults.reference_sampling(c, args.sampling)
   return c

@@ -168,7 +168,8 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.eval_every = 0  # validation loss every k steps (0: only at the end)
   c.eval_batches = 4  # held-out batches per validation
   c.sample_every = 0  # sample evaluation (grid, FID, demo accuracy) every k steps and at the end (0: off)
-  c.init = ""  # "diffusers:/path/to/sd3-diffusers": official weights to sample or fine-tune ("" random init)
+  c.init = ""  # "diffusers:/path/to/sd3-diffusers" (official weights), "run:WORKDIR" / "run-ema:WORKDIR" (another
+  # run's newest parameters / EMA weights): the start of sampling or fine-tuning ("" random init)
   c.force_eval = False  # re-run the final evaluation of a finished run instead of reporting its results.json
 
   c.sample = ml_collections.ConfigDict()  # sampling in training's sample evaluation, --mode=eval and --mode=sample

@@ -1,4 +1,7 @@
-"""Official weights as a starting point: `config.init = "diffusers:DIR"`.
+"""Weights as a starting point: official ones (`config.init = "diffusers:DIR"`) or another run's
+(`config.init = "run:WORKDIR"`, its newest checkpoint's parameters; `"run-ema:WORKDIR"`, its EMA weights) —
+e.g. SD3's high-resolution fine-tune starting from the 256² run (configs/rf_lognorm.py:…,stage=hires,from=DIR).
+The optimizer starts fresh and the EMA starts at the initial weights, as with official weights.
 
 DIR is a diffusers SD3 pipeline directory (transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/),
 just an SD3Transformer2DModel directory or .safetensors file, or an SD3 / SD3.5 single-file checkpoint
@@ -20,18 +23,57 @@ from etils import epath
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.errors import ConfigError
 
-KINDS = ("diffusers",)
+KINDS = ("diffusers", "run", "run-ema")
 RUNTIME_FIELDS = ("dtype", "attention", "remat", "scan_layers")  # not in the weights: kept from the config
 
 
 def parse(init: str) -> tuple[str, epath.Path]:
   kind, sep, path = init.partition(":")
   if not sep or kind not in KINDS or not path:
-    raise ConfigError(f"config.init={init!r}: expected 'diffusers:/path/to/sd3-diffusers' (kinds: {list(KINDS)})")
+    raise ConfigError(f"config.init={init!r}: expected 'diffusers:/path/to/sd3-diffusers', 'run:/path/to/workdir' "
+                      f"or 'run-ema:/path/to/workdir' (kinds: {list(KINDS)})")
   root = epath.Path(path)
   if not root.exists():
     raise ConfigError(f"config.init: {root} does not exist")
   return kind, root
+
+
+def is_official(cfg: TrainConfig) -> bool:
+  """config.init names official (diffusers / single-file) weights, whose encoders and VAE come with them."""
+  return cfg.init.startswith("diffusers:")
+
+
+def _from_run(cfg: TrainConfig, kind: str, root: epath.Path):
+  """(cfg, load) for init from another run's newest checkpoint: its parameters (or EMA), restored with that
+  run's own config (optimizer included, so any schedule restores), placed in this run's shardings."""
+  from mmdit_jax import config as config_lib
+  from mmdit_jax.checkpoint import Checkpointer
+  from mmdit_jax.state import make_optimizer, restore_latest
+  import ml_collections
+  source = root / "config.json"
+  if not source.is_file() or not (root / "checkpoints").is_dir():
+    raise ConfigError(f"config.init={cfg.init!r}: {root} is not a training workdir (config.json and checkpoints/)")
+  src = config_lib.from_config_dict(ml_collections.ConfigDict(json.loads(source.read_text())))
+  runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS if hasattr(cfg.model, f)}
+  if dataclasses.replace(src.model, **runtime) != cfg.model:
+    raise ConfigError(f"config.init={cfg.init!r}: that run's model {src.model} is not this config's {cfg.model} "
+                      f"(only {list(RUNTIME_FIELDS)} may differ)")
+  rules = cfg.sharding_rules
+
+  def load(mesh):
+    tx, _ = make_optimizer(src.optim, src.total_steps)
+    ckpt = Checkpointer(root / "checkpoints")
+    try:
+      found = restore_latest(dataclasses.replace(src, model=cfg.model, sharding_rules=rules), tx, mesh, ckpt)
+    finally:
+      ckpt.close()
+    if found is None:
+      raise ConfigError(f"config.init={cfg.init!r}: {root / 'checkpoints'} holds no checkpoint")
+    step, state, _ = found
+    from mmdit_jax.metrics import log
+    log(f"initialised from {root} step {step} ({'EMA' if kind == 'run-ema' else 'raw'} weights)")
+    return state["ema" if kind == "run-ema" else "params"]
+  return cfg, load
 
 
 def _transformer_path(root: epath.Path) -> epath.Path:
@@ -46,7 +88,9 @@ def resolve(cfg: TrainConfig):
     return cfg, None
   from mmdit_jax import model
   from mmdit_jax.model.convert import convert_state_dict, read_diffusers
-  _, root = parse(cfg.init)
+  kind, root = parse(cfg.init)
+  if kind != "diffusers":
+    return _from_run(cfg, kind, root)
   if not isinstance(cfg.model, model.MMDiTConfig):
     raise ConfigError(f"config.init={cfg.init!r} imports an SD3 transformer; config.model is "
                       f"{type(cfg.model).__name__} (use configs/rf_lognorm.py)")

@@ -285,3 +285,32 @@ def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path):
   train.train_and_evaluate(cfg, tmp_path / "run")
   logged = {r["step"]: r["shift"] for r in helpers.metrics(tmp_path / "run") if "shift" in r}
   assert logged == {s + 1: bucket_shift(cfg, shapes[s]) for s in range(6)}
+
+
+def test_a_run_starts_from_another_runs_weights(tmp_path):
+  """config.init=run:DIR / run-ema:DIR: the new run's step-0 parameters (and EMA) are the source run's newest
+  parameters or EMA weights, on another mesh, with a fresh optimizer; another model or a non-workdir is named;
+  configs/rf_lognorm.py:stage=hires sets it up."""
+  from configs import rf_lognorm
+  from mmdit_jax import parallel, pretrained
+  from mmdit_jax.errors import ConfigError
+  from mmdit_jax.state import restore_or_init
+  src = tmp_path / "base"
+  train.train_and_evaluate(config(**{"total_steps": 2, "checkpoint_every": 2, "optim.schedule": "cosine"}), src)
+  _, s_state, _ = helpers.final_state(src, config(**{"total_steps": 2, "optim.schedule": "cosine"}))
+  mesh = parallel.make_mesh((2, 2, 1, 2))
+  for kind, part in (("run", "params"), ("run-ema", "ema")):
+    cfg, load = pretrained.resolve(config(**{"init": f"{kind}:{src}"}))  # (another schedule and total_steps)
+    tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+    state, start, data_state = restore_or_init(cfg, tx, mesh, Checkpointer(tmp_path / f"new_{kind}"), init_params=load)
+    assert start == 0 and data_state is None and int(state["step"]) == 0
+    assert tree_equal(state["params"], s_state[part]) and tree_equal(state["ema"], s_state[part])
+  assert not tree_equal(s_state["params"], s_state["ema"])  # (so the two kinds were told apart)
+  with pytest.raises(ConfigError, match="is not this config's"):
+    pretrained.resolve(config(**{"init": f"run:{src}", "model.depth": 3}))
+  with pytest.raises(ConfigError, match="is not a training workdir"):
+    pretrained.resolve(config(**{"init": f"run:{tmp_path}"}))
+  c = rf_lognorm.get_config(f"size=2b,stage=hires,base_run={src}")
+  assert (c.init, c.data.resolution, c.shift, c.shift_base_resolution) == (f"run:{src}", 1024, 1.0, 256)
+  with pytest.raises(ConfigError, match="give base_run"):
+    rf_lognorm.get_config("stage=hires")
