@@ -79,7 +79,7 @@ def _tiny_study():
   c = study.get_config("formulations=rf;eps/linear")  # (';' joins names in the preset argument)
   c.train = helpers.config_dict(**{"eval.num_samples": 8, "debug.halt_at_step": 2, "debug.log_data_order": False})
   c.steps, c.select_every = 4, 2
-  c.sample_steps, c.guidance, c.weights = (2,), (1.0, 3.0), ("ema",)
+  c.sample_steps, c.guidance, c.weights = (2,), (3.0,), ("ema", "raw")  # (one sampling program per run)
   c.curve_setting = "euler-2steps-cfg3-ema"
   return c
 
@@ -96,7 +96,7 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
     runner.run_study(c, tmp_path)
   rf = tmp_path / "runs" / "rf-s0"
   scored = {p.name: p.stat().st_mtime_ns for p in (rf / "scores").rglob("*.json")}
-  assert sorted(scored) == ["0000002.json", "0000004.json", "euler-2steps-cfg1-ema.json", "euler-2steps-cfg3-ema.json"]
+  assert sorted(scored) == ["0000002.json", "0000004.json", "euler-2steps-cfg3-ema.json", "euler-2steps-cfg3-raw.json"]
   selection = (rf / "selection.json").read_text()
   table = runner.run_study(c, tmp_path)
   assert {p.name: p.stat().st_mtime_ns for p in (rf / "scores").rglob("*.json")} == scored  # not recomputed

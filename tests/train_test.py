@@ -3,6 +3,7 @@ idempotence, non-finite steps, config errors before compiling, and golden steps.
 signals and multi-process runs: cli_test.py.)"""
 
 import json
+import logging
 import shutil
 import time
 
@@ -241,7 +242,7 @@ def test_progress_reports_input_wait(capsys):
   assert "input-bound" in capsys.readouterr().err
 
 
-def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path):
+def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path, caplog):
   """config.shift_base_resolution: α = √(H·W / base²) per aspect bucket (SD3 §5.3.2) — in the drawn t, the logged
   metrics and the sampling grid — one compiled program per bucket, and both processes of a 2-process run
   reading the same bucket at every step."""
@@ -273,16 +274,15 @@ def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path):
   shapes = [ds.load_batch(s)["latent"].shape[1:3] for s in range(6)]
   assert set(shapes) == {(32, 32), (16, 32)}
   assert all(ds.load_batch(s, 0, 2)["latent"].shape == ds.load_batch(s, 1, 2)["latent"].shape for s in range(6))
-  tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-  step = jax.jit(make_train_step(cfg, tx, schedule))
-  state = jax.jit(lambda k: init_state(cfg.model, tx, k))(jax.random.key(0))
-  for s in range(6):
-    batch = {k: v for k, v in ds.load_batch(s).items() if k not in data.HOST_ONLY}
-    state, m = step(state, batch)
-    assert np.isfinite(float(m["loss"]))
-  assert step._cache_size() == 2  # one program per bucket, reused
 
-  train.train_and_evaluate(cfg, tmp_path / "run")
+  caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")
+  jax.config.update("jax_log_compiles", True)
+  try:
+    train.train_and_evaluate(cfg, tmp_path / "run")
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [r for r in caplog.records if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 2  # one program per bucket, reused over the 6 steps
   logged = {r["step"]: r["shift"] for r in helpers.metrics(tmp_path / "run") if "shift" in r}
   assert logged == {s + 1: bucket_shift(cfg, shapes[s]) for s in range(6)}
 
