@@ -37,7 +37,8 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
-  parser.add_argument("--remat", default="none", help="config.model.remat for the JAX model")
+  parser.add_argument("--remat", default="dots_no_batch",
+                      help="config.model.remat for the JAX model (dots_no_batch: the demo presets' CPU setting)")
   parser.add_argument("--remat_names", default="qkv,attn_out,mlp_in,mlp_out",
                       help="with --remat=names: the checkpoint names saved (config.model.remat_names)")
   parser.add_argument("--scan_layers", type=int, default=1, help="config.model.scan_layers for the JAX model")
