@@ -156,15 +156,16 @@ class Dataset:
     """Example `index`, decoded and checked (finite values); a CorruptRecord names a damaged one."""
     if self.tfds is not None:
       return self.tfds.read(index)
+    where = self.where(index)
     try:
       record = self.source[int(index)]
     except Exception as e:  # Riegeli: "Corrupted Riegeli/records file: chunk data hash mismatch …"
-      raise records.CorruptRecord(self.where(index), f"unreadable ({str(e).splitlines()[0][:200] or type(e).__name__})")
+      raise records.CorruptRecord(where, f"unreadable ({str(e).splitlines()[0][:200] or type(e).__name__})")
     try:
-      example = records.decode(record, self.features, self.where(index))
+      example = records.decode(record, self.features, where)
     except records.DataError as e:
-      raise records.CorruptRecord(self.where(index), f"does not decode ({e})") from None
-    records.check_finite(example, self.where(index))
+      raise records.CorruptRecord(where, f"does not decode ({e})") from None
+    records.check_finite(example, where)
     return example
 
   def _read_or_replace(self, index: int, step: int) -> tuple[dict, int]:
