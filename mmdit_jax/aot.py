@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import data, evaluate, model, parallel, xla_presets
+from mmdit_jax import data, evaluate, inputs, model, parallel, xla_presets
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.data import demo
 from mmdit_jax.errors import UserError
@@ -32,7 +32,6 @@ from mmdit_jax.state import make_optimizer, state_shardings
 from mmdit_jax.train_step import batch_spec, jit_train_step
 
 GIB = 1024 ** 3
-VAE_FACTOR = 8  # SD3's autoencoder: 8× fewer latent pixels per side
 # Per chip: dense bf16 peak FLOP/s, HBM the compiler can use (GiB), HBM bandwidth (GB/s). Peaks and bandwidths
 # from cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("Key chip specifications"); usable HBM as the TPU compiler
 # reports it in RESOURCE_EXHAUSTED messages (v5e, v5p, v6e, observed with libtpu 0.0.42); v4: nominal 32 GiB.
@@ -219,7 +218,7 @@ def batch_geometry(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
     if None not in latent:
       names = [f.name for f in meta.features]
       return tuple(latent), (meta.feature("context").shape[0] if "context" in names else 0)
-  side = (cfg.data.resolution // VAE_FACTOR if cfg.data.resolution else
+  side = (cfg.data.resolution // inputs.SD3_VAE_DOWNSAMPLE if cfg.data.resolution else
           getattr(m, "sample_size", None) or getattr(m, "input_size"))
   return (side, side, m.in_channels), (cfg.data.text_tokens if "context" in m.cond_features else 0)
 

@@ -33,20 +33,14 @@ class CLIPMetrics:
 
   def embed_images(self, images) -> np.ndarray:
     """(B, H, W, 3) in [−1, 1] → (B, projection_dim) image embeddings (unnormalised), in fixed-size batches."""
-    images = np.asarray(images, np.float32)
-    out = []
-    for i in range(0, len(images), self.batch_size):
-      chunk = images[i:i + self.batch_size]
-      out.append(np.asarray(self._images(self.vision_params, parallel.pad_batch(chunk, self.batch_size)))[:len(chunk)])
-    return np.concatenate(out)
+    return fid.features(lambda x: self._images(self.vision_params, x), images, self.batch_size)
 
   def embed_texts(self, texts) -> np.ndarray:
     ids = self.tokenizer(list(texts))
     out = []
     for i in range(0, len(ids), self.batch_size):
       chunk = ids[i:i + self.batch_size]
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), 0)])
-      out.append(np.asarray(self._texts(self.text_params, padded))[:len(chunk)])
+      out.append(np.asarray(self._texts(self.text_params, parallel.pad_batch(chunk, self.batch_size)))[:len(chunk)])
     return np.concatenate(out)
 
   def clip_score(self, images, texts) -> float:

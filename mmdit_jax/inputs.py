@@ -3,7 +3,7 @@ anything compiles: one choice for training, evaluation and sampling."""
 
 from __future__ import annotations
 
-from mmdit_jax import data
+from mmdit_jax import data, pretrained
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.errors import ConfigError
@@ -12,7 +12,7 @@ from mmdit_jax.metrics import log
 
 def is_demo(cfg: TrainConfig) -> bool:
   """No dataset named and no official weights to start from: the embedded demo."""
-  return not cfg.data.path and not cfg.init.startswith("diffusers:")
+  return not cfg.data.path and not pretrained.is_official(cfg)
 
 
 def demo_kind(cfg: TrainConfig) -> str:
@@ -39,7 +39,7 @@ def dataset_paths(cfg: TrainConfig, *, announce: bool = True) -> tuple[str, str]
       if not p.startswith("tfds:"):
         data.load_metadata(p)
     return cfg.data.path, val
-  if cfg.init.startswith("diffusers:"):
+  if pretrained.is_official(cfg):
     raise ConfigError(f"config.init={cfg.init!r} fine-tunes official weights on a dataset: set config.data.path "
                       "to precomputed latents with the same encoders (python -m mmdit_jax.precompute)")
   kind = demo_kind(cfg)
@@ -115,7 +115,7 @@ def with_latent_downsample(cfg: TrainConfig) -> TrainConfig:
   if not cfg.shift_base_resolution or cfg.data.latent_downsample:
     return cfg
   if not cfg.data.path:
-    factor = SD3_VAE_DOWNSAMPLE if cfg.init.startswith("diffusers:") else 1  # (the embedded demos: pixels)
+    factor = SD3_VAE_DOWNSAMPLE if pretrained.is_official(cfg) else 1  # (the embedded demos: pixels)
   elif cfg.data.path.startswith("tfds:"):
     raise ConfigError("config.shift_base_resolution on a TFDS source: set config.data.latent_downsample (pixels "
                       "per latent cell: 8 for SD3's VAE, 1 for images)")

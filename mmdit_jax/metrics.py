@@ -54,6 +54,12 @@ def _summary_writer():
   return SummaryWriter
 
 
+def read_metrics(workdir) -> list[dict]:
+  """The records of workdir/metrics.jsonl ([] before the first write), as MetricWriter writes them."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 class MetricWriter:
   """TensorBoard event files and metrics.jsonl in the workdir (written by process 0 only).
 

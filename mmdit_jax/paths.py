@@ -8,6 +8,7 @@ Weights and tokenizers on gs:// are read from that mount too, or else copied onc
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -81,6 +82,12 @@ def local_copy(p, cache_root) -> str:
   return str(dst)
 
 
+def write_json(dst, data, **dumps_kwargs):
+  """`data` as JSON at `dst`, whole or not at all (write_atomically)."""
+  text = json.dumps(data, **dumps_kwargs)
+  write_atomically(dst, lambda local: epath.Path(local).write_text(text))
+
+
 def write_atomically(dst, write):
   """Calls write(local_path) to produce a file, then puts it at `dst` all at once: a rename on a local disk,
   one upload of a finished file elsewhere (object stores create objects atomically)."""
@@ -88,7 +95,7 @@ def write_atomically(dst, write):
   if not is_remote(dst):
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     write(str(tmp))
-    tmp.rename(dst)
+    tmp.replace(dst)  # (over an older file as the upload below does: os.replace, atomic)
     return
   with tempfile.TemporaryDirectory() as tmp_dir:
     local = epath.Path(tmp_dir) / dst.name

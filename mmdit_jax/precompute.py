@@ -202,11 +202,6 @@ def read_source(c):
   return items, f"{manifest}:{hashlib.sha256(manifest.read_bytes()).hexdigest()}"
 
 
-def _write_json(path, data):
-  text = json.dumps(data, indent=1)
-  user_paths.write_atomically(path, lambda local: epath.Path(local).write_text(text))
-
-
 def _shard_name(i: int) -> str:
   return f"shard-{i:05d}.array_record"
 
@@ -288,7 +283,7 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
       raise UserError(f"{out} holds a precompute started with another manifest or config ({old['input']}); "
                        "use a new output directory, or delete this one to start over")
   elif index == 0:
-    _write_json(out / PLAN, plan)
+    user_paths.write_json(out / PLAN, plan, indent=1)
 
   paths = sd3.EncoderPaths.from_config(c.encoders)
   mesh = parallel.make_mesh(c.mesh.ici.to_dict(), devices=jax.local_devices())
@@ -316,7 +311,7 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
     done = {"count": n, "shapes": [list(e["latent"].shape) for e in examples]}
     if c.label_key:
       done["max_label"] = max(int(e["label"]) for e in examples)
-    _write_json(_done_path(out, i), done)
+    user_paths.write_json(_done_path(out, i), done, indent=1)
     progress.update(n, f"shard {i + 1}/{len(shards)}")
 
   if jax.process_count() > 1:

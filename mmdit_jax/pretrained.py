@@ -1,6 +1,6 @@
 """Weights as a starting point: official ones (`config.init = "diffusers:DIR"`) or another run's
 (`config.init = "run:WORKDIR"`, its newest checkpoint's parameters; `"run-ema:WORKDIR"`, its EMA weights) —
-e.g. SD3's high-resolution fine-tune starting from the 256² run (configs/rf_lognorm.py:…,stage=hires,from=DIR).
+e.g. SD3's high-resolution fine-tune starting from the 256² run (configs/rf_lognorm.py:…,stage=hires,base_run=DIR).
 The optimizer starts fresh and the EMA starts at the initial weights, as with official weights.
 
 DIR is a diffusers SD3 pipeline directory (transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/),
@@ -46,10 +46,11 @@ def is_official(cfg: TrainConfig) -> bool:
 def _from_run(cfg: TrainConfig, kind: str, root: epath.Path):
   """(cfg, load) for init from another run's newest checkpoint: its parameters (or EMA), restored with that
   run's own config (optimizer included, so any schedule restores), placed in this run's shardings."""
+  import ml_collections
+
   from mmdit_jax import config as config_lib
   from mmdit_jax.checkpoint import Checkpointer
   from mmdit_jax.state import make_optimizer, restore_latest
-  import ml_collections
   source = root / "config.json"
   if not source.is_file() or not (root / "checkpoints").is_dir():
     raise ConfigError(f"config.init={cfg.init!r}: {root} is not a training workdir (config.json and checkpoints/)")

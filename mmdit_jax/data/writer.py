@@ -160,8 +160,7 @@ def finalize(path, features, shards, extras, null_embeddings=None, shapes=None) 
     with (path / SHAPES).open("wb") as f:
       np.save(f, np.asarray(shapes, np.int32))
   meta = records.Metadata(tuple(features), tuple(shards), dict(extras))
-  text = json.dumps(meta.to_json(), indent=1)
-  paths.write_atomically(path / records.METADATA, lambda local: epath.Path(local).write_text(text))
+  paths.write_json(path / records.METADATA, meta.to_json(), indent=1)
   return meta
 
 

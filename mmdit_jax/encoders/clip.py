@@ -27,6 +27,15 @@ ACTIVATIONS = {
 POOLED = ("projected", "unprojected")
 
 
+def check_layer_fields(cfg):
+  """The fields CLIPLayer reads (activation, width, num_heads), checked for the text and image towers alike."""
+  name = type(cfg).__name__
+  if cfg.activation not in ACTIVATIONS:
+    raise ValueError(f"{name}.activation={cfg.activation!r}; valid: {sorted(ACTIVATIONS)}")
+  if cfg.width % cfg.num_heads:
+    raise ValueError(f"{name}.width {cfg.width} is not divisible by num_heads {cfg.num_heads}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   vocab_size: int = 49408
@@ -46,14 +55,11 @@ class CLIPTextConfig:
     return CLIPText(self, rngs)
 
   def __post_init__(self):
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"CLIPTextConfig.activation={self.activation!r}; valid: {sorted(ACTIVATIONS)}")
+    check_layer_fields(self)
     if self.pooled not in POOLED:
       raise ValueError(f"CLIPTextConfig.pooled={self.pooled!r}; valid: {POOLED}")
     if self.pooled == "projected" and self.projection_dim is None:
       raise ValueError("CLIPTextConfig.pooled='projected' needs projection_dim")
-    if self.width % self.num_heads:
-      raise ValueError(f"CLIPTextConfig.width {self.width} is not divisible by num_heads {self.num_heads}")
     if self.depth < 2:
       raise ValueError(f"CLIPTextConfig.depth={self.depth}: SD3 takes the penultimate layer, so depth ≥ 2")
 

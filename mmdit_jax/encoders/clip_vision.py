@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmdit_jax.encoders.clip import ACTIVATIONS, CLIPLayer
+from mmdit_jax.encoders.clip import CLIPLayer, check_layer_fields
 from mmdit_jax.model import layers
 from mmdit_jax.model.layers import constrain, dense, get_dtype
 from mmdit_jax.model.stack import Stack
@@ -44,10 +44,7 @@ class CLIPVisionConfig:
     return CLIPVision(self, rngs)
 
   def __post_init__(self):
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"CLIPVisionConfig.activation={self.activation!r}; valid: {sorted(ACTIVATIONS)}")
-    if self.width % self.num_heads:
-      raise ValueError(f"CLIPVisionConfig.width {self.width} is not divisible by num_heads {self.num_heads}")
+    check_layer_fields(self)
     if self.image_size % self.patch_size:
       raise ValueError(f"CLIPVisionConfig.image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")

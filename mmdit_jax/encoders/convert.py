@@ -154,6 +154,23 @@ KNOWN_CLIP = {(768, 12): "quick_gelu",  # OpenAI CLIP-L/14
               (1280, 32): "gelu"}  # OpenCLIP bigG/14
 
 
+def _clip_activation(config_json, known, width, depth, overrides, tower):
+  """hidden_act from config.json, else from the known checkpoints' (width, depth), else an override."""
+  act = config_json.get("hidden_act") or known.get((width, depth))
+  if act is None and "activation" not in overrides:
+    raise ConversionError(f"CLIP {tower} width {width}, depth {depth} is not a known checkpoint and no config.json "
+                          "gives hidden_act; pass activation= one of quick_gelu, gelu")
+  return act
+
+
+def _clip_heads(config_json, width, overrides, tower) -> int:
+  """num_attention_heads from config.json, else CLIP's head dim 64 (an override wins in the caller)."""
+  if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
+    raise ConversionError(f"CLIP {tower} width {width}: heads are unknown without config.json (CLIP uses head dim "
+                          "64, which does not divide it); pass num_heads=")
+  return int(config_json.get("num_attention_heads", width // 64))
+
+
 def _clip_prefix(tensors):
   return "text_model." if any(k.startswith("text_model.") for k in tensors) else ""
 
@@ -164,16 +181,9 @@ def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
   p = _clip_prefix(tensors)
   vocab, width = shape_of(tensors, f"{p}embeddings.token_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-  act = config_json.get("hidden_act") or KNOWN_CLIP.get((width, depth))
-  if act is None and "activation" not in overrides:
-    raise ConversionError(f"CLIP text width {width}, depth {depth} is not a known checkpoint and no config.json "
-                          f"gives hidden_act; pass activation= one of quick_gelu, gelu")
+  act = _clip_activation(config_json, KNOWN_CLIP, width, depth, overrides, "text")
   proj = shape_of(tensors, "text_projection.weight") if "text_projection.weight" in tensors else None
-  if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
-    raise ConversionError(f"CLIP text width {width}: heads are unknown without config.json (CLIP uses head "
-                          "dim 64, which does not divide it); pass num_heads=")
-  cfg = dict(vocab_size=vocab, width=width, depth=depth,
-             num_heads=int(config_json.get("num_attention_heads", width // 64)),
+  cfg = dict(vocab_size=vocab, width=width, depth=depth, num_heads=_clip_heads(config_json, width, overrides, "text"),
              mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
              max_tokens=shape_of(tensors, f"{p}embeddings.position_embedding.weight")[0],
              activation=act, projection_dim=None if proj is None else proj[0],
@@ -216,19 +226,13 @@ def infer_clip_vision_config(tensors, config_json=None, **overrides) -> CLIPVisi
   p = "vision_model."
   width, _, patch, _ = shape_of(tensors, f"{p}embeddings.patch_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-  act = config_json.get("hidden_act") or KNOWN_CLIP_VISION.get((width, depth))
-  if act is None and "activation" not in overrides:
-    raise ConversionError(f"CLIP vision width {width}, depth {depth} is not a known checkpoint and no config.json "
-                          "gives hidden_act; pass activation= one of quick_gelu, gelu")
+  act = _clip_activation(config_json, KNOWN_CLIP_VISION, width, depth, overrides, "vision")
   positions = shape_of(tensors, f"{p}embeddings.position_embedding.weight")[0]
   side = round((positions - 1) ** 0.5)
   if side * side != positions - 1:
     raise ConversionError(f"{p}embeddings.position_embedding.weight has {positions} rows, not a square grid + 1")
-  if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
-    raise ConversionError(f"CLIP vision width {width}: heads are unknown without config.json (head dim 64 does "
-                          "not divide it); pass num_heads=")
   cfg = dict(image_size=side * patch, patch_size=patch, width=width, depth=depth,
-             num_heads=int(config_json.get("num_attention_heads", width // 64)),
+             num_heads=_clip_heads(config_json, width, overrides, "vision"),
              mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], activation=act,
              projection_dim=shape_of(tensors, "visual_projection.weight")[0],
              eps=float(config_json.get("layer_norm_eps", 1e-5)))

@@ -3,10 +3,10 @@ loss over steps, metrics vs sampling steps, and the Pareto fronts per setting wi
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from etils import epath
+
+from mmdit_jax.metrics import read_metrics
 
 
 def _pyplot():
@@ -42,17 +42,12 @@ def densities(formulations, path, samples: int = 1_000_000):
   return _save(fig, path)
 
 
-def _metrics(workdir):
-  path = epath.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def loss_per_bin(runs: dict, path):
   """The last logged training loss per t-bin (loss_t_bin/i) of each run: {run name: workdir}."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, workdir in runs.items():
-    rows = [r for r in _metrics(workdir) if any(k.startswith("loss_t_bin/") for k in r)]
+    rows = [r for r in read_metrics(workdir) if any(k.startswith("loss_t_bin/") for k in r)]
     if not rows:
       continue
     bins = sorted((int(k.split("/")[1]), v) for k, v in rows[-1].items() if k.startswith("loss_t_bin/"))

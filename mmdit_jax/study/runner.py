@@ -28,10 +28,10 @@ import numpy as np
 from etils import epath
 
 from mmdit_jax import config as config_lib
-from mmdit_jax import inputs, parallel
+from mmdit_jax import inputs, parallel, paths
 from mmdit_jax.errors import UserError
 from mmdit_jax.flow import objectives
-from mmdit_jax.metrics import log
+from mmdit_jax.metrics import log, read_metrics
 from mmdit_jax.study import ranking
 
 # Formulation groups by name (the paper's families; `all61` is Table 1's every row).
@@ -128,9 +128,7 @@ def train_config_dict(c, run: Run) -> ml_collections.ConfigDict:
 
 def select_step(workdir) -> dict:
   """The paper's criterion: the step with the lowest EMA validation loss among the run's validations."""
-  workdir = epath.Path(workdir)
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-  curve = {int(r["step"]): float(r["val_ema/loss"]) for r in rows if "val_ema/loss" in r}
+  curve = {int(r["step"]): float(r["val_ema/loss"]) for r in read_metrics(workdir) if "val_ema/loss" in r}
   if not curve:
     raise UserError(f"{workdir}/metrics.jsonl has no val_ema/loss: the run validated nothing")
   step = min(curve, key=lambda s: (curve[s] if np.isfinite(curve[s]) else np.inf, s))
@@ -138,11 +136,10 @@ def select_step(workdir) -> dict:
 
 
 def _write_json(path, data):
+  """Whole or absent: a killed study never leaves a half-written score or table."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-  tmp.replace(path)  # whole or absent: a killed study never leaves a half-written score
+  paths.write_json(path, data, indent=1, sort_keys=True)
 
 
 def train_run(c, run: Run, study_dir) -> dict:
@@ -300,7 +297,7 @@ def _plots(table, runs, settings, study_dir) -> list[str]:
   d = epath.Path(study_dir) / "plots"
   workdirs = {r.name: epath.Path(study_dir) / "runs" / r.name for r in runs}
   selections = {n: json.loads((w / "selection.json").read_text()) for n, w in workdirs.items()}
-  made = [plots.densities(expand_formulations(table_formulations(table)), d / "densities.png"),
+  made = [plots.densities(list(dict.fromkeys(r.formulation for r in runs)), d / "densities.png"),
           plots.loss_per_bin(workdirs, d / "loss_per_t_bin.png"),
           plots.validation_curves(selections, d / "validation_loss.png"),
           plots.metric_vs_steps(table, settings, d / "metrics_vs_steps.png")]
@@ -308,10 +305,6 @@ def _plots(table, runs, settings, study_dir) -> list[str]:
   if table.get("loss_vs_metrics"):
     made.append(plots.loss_vs_metrics(table, d / "val_loss_vs_metrics.png"))
   return [f"plots/{p.name}" for p in made]
-
-
-def table_formulations(table) -> list[str]:
-  return list(table["average_rank"])
 
 
 def _markdown(table) -> str:
