@@ -5,7 +5,6 @@ is valid); 3 the run stopped itself (e.g. non-finite steps); 75 preempted after 
 (resubmit the same command to resume). Logs of orbax and absl are at WARNING unless --verbosity is given.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -76,8 +75,8 @@ def _setup_logging_and_cache():
   import jax
   cache = _COMPILATION_CACHE.value
   if cache is None:
-    from mmdit_jax.data import demo
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(demo.default_cache_dir() / "xla")
+    from mmdit_jax.paths import compilation_cache_dir
+    cache = compilation_cache_dir()
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
 

@@ -26,6 +26,12 @@ def cache_dir() -> epath.Path:
   return epath.Path(os.environ.get("MMDIT_JAX_CACHE") or os.path.expanduser("~/.cache/mmdit_jax"))
 
 
+def compilation_cache_dir() -> str:
+  """The persistent XLA compilation cache every entry point uses: $JAX_COMPILATION_CACHE_DIR, else
+  cache_dir()/xla."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "xla")
+
+
 def is_remote(p) -> bool:
   return "://" in str(p)
 

@@ -27,13 +27,10 @@ def main(argv):
     sys.exit(EXIT_BAD_INPUT)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  import os
-
   import jax
 
-  from mmdit_jax.data import demo
-  jax.config.update("jax_compilation_cache_dir",  # as mmdit_jax.main: runs of one study share their programs
-                    os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(demo.default_cache_dir() / "xla"))
+  from mmdit_jax.paths import compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())  # runs of a study share their programs
   from mmdit_jax.study import runner
   try:
     table = runner.run_study(_CONFIG.value, _WORKDIR.value, _SHARD.value, _STAGE.value)
