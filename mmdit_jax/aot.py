@@ -207,18 +207,20 @@ def _per_device_bytes(tree, shardings) -> int:
 def batch_geometry(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
   """(latent (h, w, C), text tokens) of a batch: the dataset's metadata when one is configured and readable,
   the embedded demo's for a model shaped for it, else the model's own size (MM-DiT: sample_size, and
-  config.data.text_tokens, SD3's 154; config.data.resolution / 8 when set)."""
+  config.data.text_tokens, SD3's 154; config.data.resolution / 8 when set, / 1 for a pixel-space model)."""
   m = cfg.model
   demo_shaped = m.in_channels == 3 and ("context" not in m.cond_features or m.context_dim == demo.EMBED)
   if not cfg.data.path and demo_shaped:
-    return (demo.SIZE, demo.SIZE, 3), (2 * demo.MAX_TOKENS if "context" in m.cond_features else 0)
+    return (cfg.data.demo_size, cfg.data.demo_size, 3), (2 * demo.MAX_TOKENS if "context" in m.cond_features else 0)
   if not cfg.data.path.startswith("tfds:") and epath.Path(cfg.data.path, data.records.METADATA).exists():
     meta = data.load_metadata(cfg.data.path)
     latent = meta.feature("latent").shape
     if None not in latent:
       names = [f.name for f in meta.features]
       return tuple(latent), (meta.feature("context").shape[0] if "context" in names else 0)
-  side = (cfg.data.resolution // inputs.SD3_VAE_DOWNSAMPLE if cfg.data.resolution else
+  # pixels per latent cell: as configured, else 1 for 3-channel (pixel-space: Imagen) models, else SD3's VAE
+  per_cell = cfg.data.latent_downsample or (1 if m.in_channels == 3 else inputs.SD3_VAE_DOWNSAMPLE)
+  side = (cfg.data.resolution // per_cell if cfg.data.resolution else
           getattr(m, "sample_size", None) or getattr(m, "input_size"))
   return (side, side, m.in_channels), (cfg.data.text_tokens if "context" in m.cond_features else 0)
 

@@ -49,6 +49,7 @@ class DataConfig:
   tfds_data_dir: str = ""
   val_path: str = ""
   demo_examples: int = 8192
+  demo_size: int = 32  # the demo images' side (64: the cascade demo's super-resolution stage, the same scenes)
   global_batch_size: int = 256
   text_dropout: float = 0.463
   label_dropout: float = 0.1
@@ -68,6 +69,8 @@ class DataConfig:
       rate = getattr(self, name)
       _check(f"data.{name}", 0 <= rate <= 1, f"is a probability in [0, 1], got {rate}")
     _check("data.num_threads", self.num_threads >= 1, f"must be >= 1, got {self.num_threads}")
+    _check("data.demo_size", self.demo_size >= 8 and self.demo_size % 8 == 0,
+           f"must be a multiple of 8 (32: the demo's own size), got {self.demo_size}")
     _check("data.on_corrupt", self.on_corrupt in ("fail", "skip"), f"{self.on_corrupt!r}; valid: ['fail', 'skip']")
 
 
@@ -178,6 +181,25 @@ class EncodersConfig:
     return bool(self.root or self.clip_l)
 
 
+UPSAMPLE_METHODS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclasses.dataclass(frozen=True)
+class SRConfig:
+  """A super-resolution stage of a cascade (Imagen §2.5): the model sees its target downsampled `factor`×,
+  upsampled back and corrupted by the forward process at an augmentation level it is told."""
+  factor: int = 0  # 0: a base model
+  aug_max: float = 0.5  # training: t_aug ~ U(0, aug_max); 0: no noise-conditioning augmentation
+  aug_level: float = 0.1  # sampling and validation: this fixed level
+  upsample: str = "bilinear"  # one of UPSAMPLE_METHODS
+
+  def __post_init__(self):
+    _check("sr.factor", self.factor >= 0, f"must be >= 0 (0: not a super-resolution stage), got {self.factor}")
+    _check("sr.aug_max", 0 <= self.aug_max <= 1, f"is a level in [0, 1], got {self.aug_max}")
+    _check("sr.aug_level", 0 <= self.aug_level <= 1, f"is a level in [0, 1], got {self.aug_level}")
+    _check("sr.upsample", self.upsample in UPSAMPLE_METHODS, f"{self.upsample!r}; valid: {list(UPSAMPLE_METHODS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DebugConfig:
   halt_at_step: int = 0  # checkpoint and exit at this step as if preempted (0: off)
@@ -189,7 +211,7 @@ class TrainConfig:
   seed: int
   total_steps: int
   formulation: flow.Formulation
-  model: model.MMDiTConfig | model.DiTConfig
+  model: model.MMDiTConfig | model.DiTConfig | model.UNetConfig
   data: DataConfig
   optim: OptimConfig
   ema_decay: float
@@ -213,6 +235,7 @@ class TrainConfig:
   # > 0: the timestep shift per aspect bucket, α = √(H·W / base²) from the batch's pixel size (SD3 §5.3.2),
   # instead of config.shift for every batch; each bucket's program is compiled once with its α.
   shift_base_resolution: int = 0
+  sr: SRConfig = SRConfig()  # a super-resolution stage (factor > 0) of a cascade
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -278,7 +301,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug", "init", "microbatches", "xla_flags", "shift_base_resolution")
+             "encoders", "debug", "init", "microbatches", "xla_flags", "shift_base_resolution", "sr")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -310,6 +333,14 @@ def from_config_dict(c) -> TrainConfig:
   if unknown:
     raise ConfigError(f"config.mesh has unknown fields {unknown}; valid: ['ici', 'dcn']")
   model_cfg, sample_cfg = model_config(c.model), build(SampleConfig, c.sample, "sample")
+  sr = build(SRConfig, c.get("sr"), "sr")
+  lowres = getattr(model_cfg, "lowres_channels", 0)
+  _check("sr.factor", bool(sr.factor) == bool(lowres),
+         f"{sr.factor} with config.model.lowres_channels={lowres}: a super-resolution stage sets both (factor > 0 "
+         "and lowres_channels = the data's channels), a base model neither")
+  _check("model.lowres_channels", not lowres or lowres == model_cfg.in_channels,
+         f"{lowres}: the low-res input is the target downsampled, so it has the target's "
+         f"{model_cfg.in_channels} channels (model.in_channels)")
   if sample_cfg.skip_layers and not c.get("init"):  # (with init, the weights define the model: checked then)
     _check("sample.skip_layers", isinstance(model_cfg, model.MMDiTConfig),
            f"skip-layer guidance is for MM-DiT; config.model is {type(model_cfg).__name__}")
@@ -325,7 +356,7 @@ def from_config_dict(c) -> TrainConfig:
       force_eval=bool(c.force_eval), sample=sample_cfg,
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
       debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches,
-      xla_flags=str(c.get("xla_flags", "none")), shift_base_resolution=shift_base,
+      xla_flags=str(c.get("xla_flags", "none")), shift_base_resolution=shift_base, sr=sr,
       source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 

@@ -131,6 +131,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.data.tfds_data_dir = ""  # TFDS data_dir for a "tfds:" path (prepared with file_format=array_record)
   c.data.val_path = ""  # held-out split for validation loss; "" → the demo validation split, or data.path
   c.data.demo_examples = 8192  # size of the demo training split (when data.path is empty)
+  c.data.demo_size = 32  # the demo images' side (64: the same scenes for the cascade demo's super-resolution stage)
   c.data.global_batch_size = 256
   c.data.on_corrupt = "fail"  # a damaged record: fail naming it and the verifier, or skip (replaced, counted)
   c.data.text_dropout = SD3_TEXT_DROPOUT  # per text encoder, independently (SD3: 46.3 % → ≈10 % fully unconditional)
@@ -202,6 +203,12 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.encoders = encoders_config()  # --mode=sample --prompt on a precomputed (non-demo) dataset
   c.encoders.t5_tokens = 256  # T5 length with these encoders (diffusers' default; 77 as SD3 trained)
   c.encoders.t5_truncate = True  # False: SD3's reference — the prompt's first 226 characters, padded to ≥ t5_tokens
+
+  c.sr = ml_collections.ConfigDict()  # a super-resolution stage (Imagen's cascade): set factor and model.lowres_channels
+  c.sr.factor = 0  # k > 0: conditioned on its target downsampled k× (area mean), upsampled back; 0: a base model
+  c.sr.aug_max = 0.5  # noise-conditioning augmentation in training: level t_aug ~ U(0, aug_max) (0: none)
+  c.sr.aug_level = 0.1  # the fixed level at sampling and in validation (a cascade stage may override it)
+  c.sr.upsample = "bilinear"  # low-res → target size: nearest | bilinear | bicubic
 
   c.debug = ml_collections.ConfigDict()
   c.debug.halt_at_step = 0  # checkpoint and exit at this step as if preempted (0: off; tests, debugging)

@@ -10,7 +10,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from mmdit_jax import data, fid, flow, model, parallel
+from mmdit_jax import data, fid, flow, model, parallel, superres
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.flow import samplers
@@ -26,7 +26,10 @@ def make_level_losses(cfg: TrainConfig):
 
   def level_losses(params, batch, batch_index):
     x = batch["latent"].astype(jnp.float32)
-    noise = jax.random.normal(jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index), x.shape)
+    key = jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index)
+    noise = jax.random.normal(key, x.shape)
+    if cfg.sr.factor:  # a super-resolution stage: the low-res input at the fixed level sr.aug_level
+      batch = superres.fixed_condition(cfg, batch, jax.random.fold_in(key, 1))
 
     def at_level(t_level):
       t = jnp.full((x.shape[0],), t_level)
@@ -104,8 +107,10 @@ def make_generate(cfg: TrainConfig):
       zin = f.model_input(z, t)
       if not guided:
         return model.forward(cfg.model, params, zin, t, cond)
+      # (a super-resolution stage's low-res input conditions both branches: guidance is on the text alone)
+      null = {k: cond[k] if k in model.SR_FEATURES else null_cond[k] for k in cond}
       both = jax.tree.map(lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)]),
-                          cond, {k: null_cond[k] for k in cond})
+                          cond, null)
       out = model.forward(cfg.model, params, jnp.concatenate([zin, zin]), jnp.concatenate([t, t]), both)
       return out[:b], out[b:]
 
@@ -198,7 +203,8 @@ class SampleEvaluator:
     self.captions = self.labels = None
     if demo_kind == "text":
       rng = np.random.default_rng(DEMO_CAPTION_SEED)
-      self.captions = [demo.caption(demo.random_scene(rng)) for _ in range(n)]
+      scenes = [demo.random_scene(rng) for _ in range(n)]
+      self.captions = [demo.caption(s) for s in scenes]
       encoder = demo.DemoTextEncoder()
       enc = [encoder(c) for c in self.captions]
       self.cond = {"context": np.stack([c for c, _ in enc]).astype(np.float32),
@@ -227,6 +233,18 @@ class SampleEvaluator:
       from mmdit_jax.clip_metrics import CLIPMetrics
       self.clip = CLIPMetrics(ecfg.clip)
     self.noise = sample_noise(cfg.sample.seed, np.arange(n), self.latent_shape)
+    self.sr_target = None
+    if cfg.sr.factor and self.decode is not None:
+      # A super-resolution stage: its low-res input is the ground truth downsampled (on the text demo, the
+      # captioned scenes rendered at the stage's size), scored by PSNR against that truth, beside bicubic.
+      target = (np.stack([demo.render(s, size=self.latent_shape[0]) for s in scenes]) if self.captions is not None
+                else rows["latent"].astype(np.float32))
+      lowres = np.asarray(superres.downsample(target, cfg.sr.factor))
+      self.cond.update(superres.sampling_condition(
+          cfg, lowres, sample_noise(cfg.sample.seed + 1, np.arange(n), self.latent_shape)))
+      self.sr_target = self.decode(target)
+      self.sr_bicubic = psnr(self.decode(np.asarray(superres.upsample(lowres, target.shape[1:3], "bicubic"))),
+                             self.sr_target)
     self.generate = jax.jit(make_generate(cfg))
     if self.decode is None:
       warn("sample evaluation: no VAE to decode latents into images (set config.encoders); FID and grids skipped")
@@ -248,6 +266,9 @@ class SampleEvaluator:
       chance = demo.class_accuracy(images, np.roll(self.labels, 1))
       results.update({f"demo/class_accuracy_{k}": v for k, v in acc.items()})
       results.update({f"demo/class_chance_{k}": v for k, v in chance.items()})
+    if self.sr_target is not None:
+      results["sr/psnr"] = psnr(images, self.sr_target)
+      results["sr/psnr_bicubic"] = self.sr_bicubic
     if self.fid_fn is not None:
       results[f"fid/{self.cfg.eval.fid_network}"] = fid.fid(self.fid_fn, images, self.reference)
     if self.clip_hook is not None and self.captions is not None:
@@ -269,6 +290,14 @@ class SampleEvaluator:
     log(f"samples at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
         f" → {self.out_dir / f'step_{step:07d}.png'}")
     return results
+
+
+def psnr(images, reference) -> float:
+  """Mean PSNR (dB) of images against reference, both in [−1, 1] (peak-to-peak 2), per image then averaged."""
+  a = np.clip(np.asarray(images, np.float32), -1, 1)
+  b = np.clip(np.asarray(reference, np.float32), -1, 1)
+  mse = np.mean(np.square(a - b).reshape(len(a), -1), axis=1)
+  return float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-10))))
 
 
 def _first_rows(dataset, n: int) -> dict:

@@ -45,8 +45,9 @@ def dataset_paths(cfg: TrainConfig, *, announce: bool = True) -> tuple[str, str]
   kind = demo_kind(cfg)
   if announce:
     log(f"config.data.path is empty: using the embedded demo dataset ({kind}; written on first use)")
-  train = demo.ensure_demo("train", cfg.data.demo_examples, kind=kind)
-  return train, cfg.data.val_path or demo.ensure_demo("validation", kind=kind)
+  size = cfg.data.demo_size
+  train = demo.ensure_demo("train", cfg.data.demo_examples, kind=kind, size=size)
+  return train, cfg.data.val_path or demo.ensure_demo("validation", kind=kind, size=size)
 
 
 def check_data_fits_model(meta: data.Metadata, model_cfg, path: str):

@@ -34,6 +34,11 @@ _SEEDS = flags.DEFINE_list("seeds", [], "--mode=sample: a seed per --prompt (els
                            "sample's index).")
 _LABELS = flags.DEFINE_list("labels", [], "--mode=sample, class-conditional models: class labels, e.g. 0,5,11.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "--mode=sample: .npz of precomputed embeddings.")
+_CASCADE = flags.DEFINE_multi_string("cascade", [], "--mode=sample: a super-resolution stage after the --workdir "
+                                     "run, WORKDIR[:key=value,…] (its own config, with overrides, e.g. "
+                                     "sample.steps=50,sr.aug_level=0.2); repeat for more stages (mmdit_jax.cascade).")
+_AUG_SWEEP = flags.DEFINE_list("aug_sweep", [], "--mode=sample with --cascade: re-run the last stage at these "
+                               "augmentation levels, e.g. 0,0.1,0.2,0.4 → cascade/aug_sweep.md.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: a TPU topology, e.g. v5p:4x4x4, v5e:4x4, "
                                 "2:v6e:8x8 (two slices).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -142,7 +147,16 @@ def _run():
   elif _MODE.value == "compile":
     from mmdit_jax import aot
     aot.run(cfg, _WORKDIR.value, _TOPOLOGY.value)
+  elif _CASCADE.value:
+    from mmdit_jax import cascade
+    try:
+      levels = [float(x) for x in _AUG_SWEEP.value]
+    except ValueError as e:
+      raise UserError(f"--aug_sweep={','.join(_AUG_SWEEP.value)}: levels are numbers in [0, 1] ({e})") from e
+    cascade.run_cascade(cfg, _WORKDIR.value, _CASCADE.value, _prompts(), _EMBEDDINGS.value, _labels(), levels)
   else:
+    if _AUG_SWEEP.value:
+      raise UserError("--aug_sweep sweeps the last stage of a cascade: give the stages with --cascade")
     sample.run_sample(cfg, _WORKDIR.value, _prompts(), _EMBEDDINGS.value, _labels())
 
 

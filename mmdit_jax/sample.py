@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import data, evaluate, inputs, parallel, pretrained
+from mmdit_jax import data, evaluate, inputs, parallel, pretrained, superres
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.errors import UserError
@@ -116,7 +116,8 @@ def image_shape(cfg: TrainConfig, pixel_space: bool) -> tuple[int, int, int]:
   m, s = cfg.model, cfg.sample
   channels = 3 if pixel_space else m.in_channels
   factor = 1 if pixel_space else 8  # SD3's VAE
-  native = (demo.SIZE if pixel_space and inputs.is_demo(cfg) else getattr(m, "sample_size", None) or m.input_size)
+  native = (cfg.data.demo_size if pixel_space and inputs.is_demo(cfg) else
+            getattr(m, "sample_size", None) or m.input_size)
   h = s.height // factor if s.height else native
   w = s.width // factor if s.width else native
   patch = m.patch_size
@@ -205,52 +206,93 @@ def _conditioning(cfg: TrainConfig, mesh, requests, labels, embeddings):
   return groups, shape, [r.prompt for r in requests], autoencoder
 
 
-def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = None, labels=()) -> list:
-  """Writes one PNG per prompt (str or Request) or label, and grid.png, under workdir/generated; returns
-  their paths. generated.jsonl names each file's conditioning, negative prompt and seed."""
+@dataclasses.dataclass
+class Samples:
+  """One stage's samples: latents (the model's space), images in [−1, 1] (None: no VAE known), names and
+  requests per sample, and the step of the weights."""
+  latents: np.ndarray
+  images: np.ndarray | None
+  names: list
+  requests: list
+  step: int
+  pixel_space: bool
+
+
+def generate(cfg: TrainConfig, workdir, requests=(), embeddings: str | None = None, labels=(), *,
+             lowres: np.ndarray | None = None, aug_level: float | None = None) -> Samples:
+  """Samples of the EMA weights of the run in `workdir` (or config.init's) for prompts (Requests), labels or
+  embeddings. A super-resolution stage (config.sr.factor) also takes `lowres` (N, h, w, C): the stage below's
+  output in this stage's space, upsampled and noise-augmented at aug_level (default config.sr.aug_level)."""
   workdir = epath.Path(workdir)
-  requests = [p if isinstance(p, Request) else Request(p) for p in prompts]
+  requests = list(requests)
   cfg, imported = pretrained.resolve(cfg)  # config.init: official weights, their encoders and shift
   mesh = parallel.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     groups, shape, names, autoencoder = _conditioning(cfg, mesh, requests, list(labels), embeddings)
+    if cfg.sr.factor:
+      if lowres is None:
+        raise UserError(f"{workdir} is a super-resolution stage (config.sr.factor={cfg.sr.factor}): it samples after a "
+                        "base model, in a cascade — --workdir=BASE_RUN --cascade=" + str(workdir))
+      want = (len(names), shape[0] // cfg.sr.factor, shape[1] // cfg.sr.factor, shape[2])
+      if tuple(lowres.shape) != want:
+        raise UserError(f"{workdir}: this {cfg.sr.factor}× stage makes {shape[0]}×{shape[1]} from {want[1]}×{want[2]}×"
+                        f"{want[3]} inputs; the stage below gave {tuple(lowres.shape[1:])} (set its sample size, or "
+                        "this stage's config.sample.height/width)")
     state, step = restore_for_eval(cfg, workdir, mesh, imported)
     requests = requests or [Request(name) for name in names]
     noise = _noise(cfg, requests, shape)
-    generate = jax.jit(evaluate.make_generate(cfg))
+    aug_noise = evaluate.sample_noise(cfg.sample.seed + 1, np.arange(len(noise)), shape) if cfg.sr.factor else None
+    run = jax.jit(evaluate.make_generate(cfg))
     latents = np.zeros(noise.shape, np.float32)
     for indices, cond, null, per_sample in groups:  # (one group unless T5 lengths differ)
+      if cfg.sr.factor:
+        cond = {**cond, **superres.sampling_condition(cfg, lowres[indices], aug_noise[indices], aug_level)}
       null = {k: np.asarray(v) for k, v in null.items()}
-      latents[indices] = evaluate.generate_batched(generate, state["ema"], cond, null, noise[indices], len(indices),
+      latents[indices] = evaluate.generate_batched(run, state["ema"], cond, null, noise[indices], len(indices),
                                                    mesh, per_sample)
-  out_dir = workdir / "generated"
+  pixel_space = inputs.pixel_space(cfg) and shape[-1] == 3  # pixel-space data (the demos): samples are images
+  images = autoencoder.decode(latents) if autoencoder is not None else latents if pixel_space else None
+  return Samples(latents, None if images is None else np.asarray(images, np.float32), names, requests, step,
+                 pixel_space)
+
+
+def write_samples(cfg: TrainConfig, samples: Samples, out_dir) -> list:
+  """One PNG per sample and grid.png under out_dir (or latents.npy when no VAE is known), with
+  generated.jsonl naming each file's conditioning, negative prompt and seed; returns the paths."""
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  if autoencoder is not None:
-    decoded, scale = autoencoder.decode(latents), 1
-  elif inputs.pixel_space(cfg) and shape[-1] == 3:  # pixel-space data (the demos): samples are images
-    decoded, scale = latents, max(1, 128 // shape[0])
-  else:
+  if samples.images is None:
     with (out_dir / "latents.npy").open("wb") as f:
-      np.save(f, latents)
-    log(f"wrote {len(names)} latents to {out_dir / 'latents.npy'} (no VAE known: decode them with yours)")
+      np.save(f, samples.latents)
+    log(f"wrote {len(samples.names)} latents to {out_dir / 'latents.npy'} (no VAE known: decode them with yours)")
     return [out_dir / "latents.npy"]
+  decoded = samples.images
+  scale = max(1, 128 // decoded.shape[1]) if samples.pixel_space else 1
   images = evaluate.to_uint8(decoded)
   if cfg.sample.save_arrays:  # unrounded, as diffusers' output_type="np": (x + 1) / 2 clipped to [0, 1]
     with (out_dir / "images.npy").open("wb") as f:
-      np.save(f, np.clip((np.asarray(decoded, np.float32) + 1) / 2, 0, 1))
+      np.save(f, np.clip((decoded + 1) / 2, 0, 1))
   paths, records = [], []
-  for i, (name, img) in enumerate(zip(names, images)):
+  for i, (name, img) in enumerate(zip(samples.names, images)):
     path = out_dir / f"{i:03d}_{_slug(name)}.png"
     evaluate.save_png(np.repeat(np.repeat(img, scale, 0), scale, 1), path)
     paths.append(path)
-    r = requests[i]
+    r = samples.requests[i]
     records.append({"file": path.name, "conditioning": name, "negative_prompt": r.negative_prompt,
                     "seed": cfg.sample.seed if r.seed is None else r.seed, "index": 0 if r.seed is not None else i,
-                    "noise": cfg.sample.noise or None, "step": step})
+                    "noise": cfg.sample.noise or None, "step": samples.step})
   evaluate.save_png(evaluate.grid_image(images, scale=scale), out_dir / "grid.png")
   (out_dir / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  log(f"wrote {len(paths)} samples of the step-{step} EMA weights and grid.png to {out_dir}")
+  log(f"wrote {len(paths)} samples of the step-{samples.step} EMA weights and grid.png to {out_dir}")
   return paths
+
+
+def run_sample(cfg: TrainConfig, workdir, prompts=(), embeddings: str | None = None, labels=()) -> list:
+  """Writes one PNG per prompt (str or Request) or label, and grid.png, under workdir/generated; returns
+  their paths. generated.jsonl names each file's conditioning, negative prompt and seed."""
+  requests = [p if isinstance(p, Request) else Request(p) for p in prompts]
+  samples = generate(cfg, workdir, requests, embeddings, labels)
+  return write_samples(cfg, samples, epath.Path(workdir) / "generated")
 
 
 def run_eval(cfg: TrainConfig, workdir) -> dict:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmdit_jax import flow, model
+from mmdit_jax import flow, model, superres
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.model.layers import constrain
 from mmdit_jax.parallel import batch_sharding
@@ -67,6 +67,8 @@ def loss_and_grads(cfg: TrainConfig, params, batch, key):
   over m microbatches, summing their gradients: the same update as the whole batch at once (the same t
   and noise per example), with the activations of B/m examples alive at a time."""
   t, noise = draw(cfg, key, batch["latent"].shape)
+  if cfg.sr.factor:  # a super-resolution stage: its noise-augmented low-res input, drawn once for the batch
+    batch = superres.training_condition(cfg, batch, jax.random.fold_in(key, 1))
   b, m = t.shape[0], cfg.microbatches
 
   def total(params, part, t, noise):

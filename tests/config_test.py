@@ -20,7 +20,10 @@ NEW_VALUES = {"depth": 3, "hidden_size": 96, "num_heads": 3, "mlp_ratio": 2.0, "
               "attention": "dot_product", "remat": "names", "remat_names": ("qkv", "attn_out"), "scan_layers": False,
               "splash_block_q": 256, "splash_block_kv": 1024,
               "input_size": 16,
-              "block": "cross_attn", "conditioning": "text", "num_classes": 7, "long_skip": True}
+              "block": "cross_attn", "conditioning": "text", "num_classes": 7, "long_skip": True,
+              "lowres_channels": 3, "channels": 24, "channel_mult": (1, 2), "num_res_blocks": (2, 1),
+              "attn_levels": (True, False), "cross_attn_levels": (False, True), "ff_mult": 1.0, "layout": "ddpm",
+              "skip_scale": 0.5, "norm_groups": 4, "text_attention": "joint", "attn_every_block": True}
 
 
 def _parse(config_arg, *overrides):
@@ -37,7 +40,8 @@ def _cli(value):
 
 
 @pytest.mark.parametrize("config_arg,cls", [("configs/rf_lognorm.py", model.MMDiTConfig),
-                                            ("configs/dit.py:variant=S/2", model.DiTConfig)])
+                                            ("configs/dit.py:variant=S/2", model.DiTConfig),
+                                            ("configs/imagen.py", model.UNetConfig)])
 def test_every_model_field_is_overridable_from_the_command_line(config_arg, cls):
   fields = [f.name for f in dataclasses.fields(cls)]
   c = _parse(str(helpers.ROOT / config_arg))

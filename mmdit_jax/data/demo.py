@@ -1,6 +1,7 @@
 """The embedded demo dataset: compositional two-object scenes with captions, made from a seed.
 
-"a red circle at the top left and a blue square at the bottom right" → a 32×32 RGB image in [−1, 1],
+"a red circle at the top left and a blue square at the bottom right" → a 32×32 RGB image in [−1, 1] (or the
+same scene at any size: the cascade demo's 64² super-resolution data),
 used directly as the latent (3 channels, scale 1, shift 0). A tiny frozen text encoder — two
 "encoders" (clip-like and t5-like token tables with position codes) — gives context (32 tokens × 32)
 and pooled (32) embeddings, so the whole SD3 text path, per-encoder dropout included, is exercised.
@@ -52,9 +53,9 @@ def parse_caption(text: str):
   return objects
 
 
-def _shape_mask(shape, size, dy, dx):
-  """Boolean (16, 16) mask of a shape centred in a quadrant, offset by (dy, dx)."""
-  q = SIZE // 2
+def _shape_mask(shape, size, dy, dx, side=SIZE):
+  """Boolean (side/2, side/2) mask of a shape centred in a quadrant of a side × side image, offset by (dy, dx)."""
+  q = side // 2
   y, x = np.mgrid[0:q, 0:q] + 0.5
   cy, cx, r = q / 2 + dy, q / 2 + dx, size / 2
   if shape == "square":
@@ -66,13 +67,15 @@ def _shape_mask(shape, size, dy, dx):
   return (rel >= 0) & (rel <= 1) & (np.abs(x - cx) <= rel * r)
 
 
-def render(objects, rng=None) -> np.ndarray:
-  """(32, 32, 3) float32 image in [−1, 1]; `rng` jitters each object by up to one pixel."""
-  img = -np.ones((SIZE, SIZE, 3), np.float32)
-  q = SIZE // 2
+def render(objects, rng=None, size: int = SIZE) -> np.ndarray:
+  """(size, size, 3) float32 image in [−1, 1]; `rng` jitters each object by up to one pixel of the 32² scene.
+  Any size renders the same scene (objects and jitter scaled by size/32; the same draws from rng), so the
+  images of one seed at 32² and 64² are the low- and high-resolution views of one scene (the cascade demo)."""
+  img = -np.ones((size, size, 3), np.float32)
+  q, k = size // 2, size / SIZE
   for colour, shape, pos in objects:
     dy, dx = (rng.integers(-1, 2, 2) if rng is not None else (0, 0))
-    mask = _shape_mask(shape, 11, dy, dx)
+    mask = _shape_mask(shape, 11 * k, dy * k, dx * k, size)
     r0, c0 = POSITIONS[pos]
     img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q][mask] = COLOURS[colour]
   return img
@@ -163,21 +166,26 @@ FEATURES = (
 )
 
 
-def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024):
-  """Writes `num_examples` scenes from `seed`; the same seed gives byte-identical files."""
+def features(size: int = SIZE):
+  return (records.Feature("latent", (size, size, 3), "float16"), *FEATURES[1:])
+
+
+def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024, size: int = SIZE):
+  """Writes `num_examples` scenes from `seed` at size × size; the same seed gives byte-identical files, and
+  the same scenes at every size."""
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
   null_context, null_pooled = encoder("")
   extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
             "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
             "text_encoders": TEXT_ENCODERS}
-  with DatasetWriter(path, FEATURES, extras, examples_per_shard=examples_per_shard,
+  with DatasetWriter(path, features(size), extras, examples_per_shard=examples_per_shard,
                      null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
                      keep_existing=True) as w:
     for _ in range(num_examples):
       objects = random_scene(rng)
       context, pooled = encoder(caption(objects))
-      w.write({"latent": render(objects, rng).astype(np.float16), "context": context, "pooled": pooled})
+      w.write({"latent": render(objects, rng, size).astype(np.float16), "context": context, "pooled": pooled})
   return records.load_metadata(path)
 
 
@@ -205,11 +213,12 @@ def default_cache_dir() -> epath.Path:
 
 
 def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None,
-                kind: str = "text") -> str:
+                kind: str = "text", size: int = SIZE) -> str:
   """Path of a demo dataset split ('train' or 'validation'), writing it on first use.
 
   kind: 'text' (two-object scenes with captions, for MM-DiT) or 'classes' (one object, labelled by
-  colour × shape, for class-conditional DiT).
+  colour × shape, for class-conditional DiT). size: the images' side (text scenes; 64 for the cascade demo's
+  super-resolution stage — the same scenes as at 32).
   """
   sizes = {"train": 8192, "validation": 512}
   if split not in sizes:
@@ -218,10 +227,15 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
     raise ValueError(f"unknown demo kind {kind!r}; valid: {sorted(DEMO_KINDS)}")
   n = num_examples or sizes[split]
   split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
+  if size != SIZE and kind != "text":
+    raise ValueError(f"demo size {size}: only the text scenes render at sizes other than {SIZE}")
+  if size < 8 or size % 8:
+    raise ValueError(f"demo size {size} must be a multiple of 8")
   name, write = DEMO_KINDS[kind]
-  path = epath.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}"
+  suffix = "" if size == SIZE else f"-{size}px"
+  path = epath.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}{suffix}"
   if not (path / records.METADATA).is_file():
-    write(path, n, split_seed)
+    write(path, n, split_seed, **({"size": size} if size != SIZE else {}))
   return str(path)
 
 
@@ -231,7 +245,7 @@ _FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 
 
 def _quadrant(img, pos):
-  q = SIZE // 2
+  q = img.shape[0] // 2
   r0, c0 = POSITIONS[pos]
   return img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q]
 

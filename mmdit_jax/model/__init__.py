@@ -1,10 +1,13 @@
-"""Backbones (Flax NNX) behind pure functions: MM-DiT, the DiT family and SD3's comparison baselines."""
+"""Backbones (Flax NNX) behind pure functions: MM-DiT, the DiT family, SD3's comparison baselines and
+Imagen's U-Nets."""
 
 from mmdit_jax.model.api import (
     BACKBONES,
+    SR_FEATURES,
     abstract_params,
     apply,
     backbone_config,
+    features,
     forward,
     graphdef,
     init,
@@ -18,4 +21,5 @@ from mmdit_jax.model.convert import from_diffusers, infer_config
 from mmdit_jax.model.dit import DIT_SIZES, DiTConfig, dit_config
 from mmdit_jax.model.flops import forward_flops, train_flops
 from mmdit_jax.model.mmdit import MMDiTConfig
+from mmdit_jax.model.unet import IMAGEN_PARAMS, IMAGEN_UNETS, UNetConfig, imagen_unet
 from mmdit_jax.model.weights import ConversionError

@@ -16,10 +16,11 @@ from flax import nnx
 
 from mmdit_jax.model.dit import DiTConfig
 from mmdit_jax.model.mmdit import MMDiTConfig
+from mmdit_jax.model.unet import UNetConfig
 
 
 # The backbones by config.model.name: the config dataclass of each (its fields are the config's keys).
-BACKBONES = {"mmdit": MMDiTConfig, "dit": DiTConfig}
+BACKBONES = {"mmdit": MMDiTConfig, "dit": DiTConfig, "unet": UNetConfig}
 
 
 def backbone_config(name: str, **fields):
@@ -83,14 +84,27 @@ def apply(config, params, *args, method: str = "__call__", **kwargs):
   return getattr(model, method)(*args, **kwargs)
 
 
+# What a super-resolution stage (config.lowres_channels > 0) is conditioned on besides the text or label: the
+# low-resolution image upsampled to the target size and noise-augmented, and its augmentation level (B,).
+SR_FEATURES = ("lowres", "aug_level")
+
+
+def features(config) -> tuple[str, ...]:
+  """The conditioning features `forward` hands the backbone of `config` (required ones)."""
+  return tuple(config.cond_features) + (SR_FEATURES if getattr(config, "lowres_channels", 0) else ())
+
+
 def forward(config, params, z, t, cond: dict, **kwargs):
-  """A backbone on z_t (B, h, w, C) at t (B,) with conditioning `cond` ({context, pooled} or {label}):
-  its prediction (B, h, w, C) in float32. kwargs reach the module (MM-DiT: skip_layers)."""
-  missing = [k for k in config.cond_features if k not in cond]
+  """A backbone on z_t (B, h, w, C) at t (B,) with conditioning `cond` ({context, pooled} or {label}, and
+  for a super-resolution stage {lowres, aug_level}): its prediction (B, h, w, C) in float32. kwargs reach
+  the module (MM-DiT: skip_layers). Optional features a backbone names (U-Net: context_mask) pass if given."""
+  need = features(config)
+  missing = [k for k in need if k not in cond]
   if missing:
-    raise ValueError(f"{type(config).__name__} is conditioned on {list(config.cond_features)}; the batch "
+    raise ValueError(f"{type(config).__name__} is conditioned on {list(need)}; the batch "
                      f"lacks {missing} (has {sorted(cond)})")
-  return apply(config, params, z, t, {k: cond[k] for k in config.cond_features}, **kwargs)
+  given = {k: cond[k] for k in (*need, *getattr(config, "optional_features", ())) if k in cond}
+  return apply(config, params, z, t, given, **kwargs)
 
 
 def param_count(config) -> int:

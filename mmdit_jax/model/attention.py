@@ -153,15 +153,18 @@ def heads_layout(x):
 class Attention(nnx.Module):
   """q, k, v projections (with optional RMSNorm on q and k) of one stream, and the output projection."""
 
-  def __init__(self, d, heads, rngs, *, dtype, qk_norm=False, out=True, kv_dim=None):
+  def __init__(self, d, heads, rngs, *, dtype, qk_norm=False, out=True, kv_dim=None, inner=None):
+    """d: the stream's width; kv_dim: the width keys and values are projected from (cross-attention);
+    inner: the width of the heads (H·K), d unless given."""
     self.heads = heads
-    self.q = dense(d, d, ("embed", "heads"), rngs, dtype=dtype)
-    self.k = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
-    self.v = dense(kv_dim or d, d, ("embed", "heads"), rngs, dtype=dtype)
-    head_dim = d // heads
+    inner = inner or d
+    self.q = dense(d, inner, ("embed", "heads"), rngs, dtype=dtype)
+    self.k = dense(kv_dim or d, inner, ("embed", "heads"), rngs, dtype=dtype)
+    self.v = dense(kv_dim or d, inner, ("embed", "heads"), rngs, dtype=dtype)
+    head_dim = inner // heads
     self.q_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
     self.k_norm = layers.RMSNorm(head_dim, rngs) if qk_norm else None
-    self.out = dense(d, d, ("heads", "embed"), rngs, dtype=dtype) if out else None
+    self.out = dense(inner, d, ("heads", "embed"), rngs, dtype=dtype) if out else None
 
   def _split(self, y):
     b, n, d = y.shape
@@ -178,4 +181,4 @@ class Attention(nnx.Module):
   def __call__(self, x, attend, context=None):
     """Self-attention of x, or cross-attention from x to `context`; output projected, (B, N, D)."""
     o = attend(*self.qkv(x, context))  # (B, N, H, K)
-    return self.out(o.reshape(x.shape))
+    return self.out(o.reshape(*x.shape[:-1], -1))

@@ -36,6 +36,7 @@ class DiTConfig:
   patch_size: int = 2  # 2, 4 or 8 in the DiT paper
   in_channels: int = 4  # SD-VAE latents
   out_channels: int | None = None  # None → in_channels (DiT's learned-σ checkpoints use 2·C)
+  lowres_channels: int = 0  # super-resolution stage: channels of the upsampled low-res input concatenated
   input_size: int = 32  # latent side the sin-cos table is scaled to
   block: str = "adaln_zero"  # one of BLOCKS
   conditioning: str = "class"  # one of CONDITIONINGS
@@ -150,8 +151,9 @@ class DiT(nnx.Module):
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dt, p = cfg.width, get_dtype(cfg.dtype), cfg.patch_size
-    self.x_embedder = dense(p * p * cfg.in_channels, d, ("patch", "embed"), rngs, dtype=dt)
+    self.x_embedder = dense(p * p * (cfg.in_channels + cfg.lowres_channels), d, ("patch", "embed"), rngs, dtype=dt)
     self.t_embedder = layers.MLPEmbedder(256, d, rngs, dt, init=nnx.initializers.normal(0.02))
+    self.aug_embedder = layers.aug_embedder(cfg.lowres_channels, d, rngs, dt)
     if cfg.conditioning == "class":
       self.y_embedder = nnx.Embed(cfg.num_classes + 1, d, dtype=dt, param_dtype=jnp.float32, rngs=rngs,
                                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
@@ -178,8 +180,10 @@ class DiT(nnx.Module):
     if h % p or w % p:
       raise ValueError(f"latent size {h}x{w} is not divisible by patch_size {p}")
     pos = layers.sincos_pos_embed(cfg.width, h // p, w // p, base_size=cfg.input_size // p)
+    latents = layers.with_lowres(latents, cond)
     x = self.x_embedder(layers.patchify(latents.astype(dt), p)) + pos.astype(dt)  # (B, L, D)
-    t_emb = self.t_embedder(layers.timestep_embedding(1000.0 * t).astype(dt))  # (B, D)
+    t_emb = layers.add_aug_level(self.aug_embedder, self.t_embedder(
+        layers.timestep_embedding(1000.0 * t).astype(dt)), cond)  # (B, D)
     missing = [k for k in cfg.cond_features if k not in cond]
     if missing:
       raise ValueError(f"{cfg.conditioning}-conditional DiT needs cond {list(cfg.cond_features)}; missing {missing}")

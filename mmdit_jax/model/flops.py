@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mmdit_jax.model.dit import DiTConfig
 from mmdit_jax.model.mmdit import MMDiTConfig
+from mmdit_jax.model.unet import UNetConfig, forward_macs as unet_forward_macs
 
 
 def _dense_stream_macs(tokens, d, f):
@@ -19,7 +20,7 @@ def mmdit_forward_macs(cfg: MMDiTConfig, h: int, w: int, text_tokens: int) -> in
   d, f, p = cfg.width, cfg.mlp_width, cfg.patch_size
   n_img = (h // p) * (w // p)
   s = n_img + text_tokens
-  macs = n_img * p * p * cfg.in_channels * d + text_tokens * cfg.context_dim * d  # embedders
+  macs = n_img * p * p * (cfg.in_channels + cfg.lowres_channels) * d + text_tokens * cfg.context_dim * d  # embedders
   macs += 256 * d + d * d + cfg.pooled_dim * d + d * d  # t and pooled MLPs
   for i in range(cfg.depth):
     dual = i in cfg.dual_attention_layers
@@ -42,7 +43,7 @@ def dit_forward_macs(cfg: DiTConfig, h: int, w: int, text_tokens: int = 0) -> in
   f = int(d * cfg.mlp_ratio)
   n_img = (h // p) * (w // p)
   text = text_tokens if cfg.conditioning == "text" else 0
-  macs = n_img * p * p * cfg.in_channels * d + 256 * d + d * d
+  macs = n_img * p * p * (cfg.in_channels + cfg.lowres_channels) * d + 256 * d + d * d
   if cfg.conditioning == "text":
     macs += text * cfg.context_dim * d + cfg.pooled_dim * d + d * d
   prefix = {"in_context": 2 + text, "cross_attn": 0}.get(cfg.block, text)
@@ -66,6 +67,8 @@ def forward_flops(cfg, h: int, w: int, text_tokens: int = 0) -> float:
     return 2.0 * mmdit_forward_macs(cfg, h, w, text_tokens)
   if isinstance(cfg, DiTConfig):
     return 2.0 * dit_forward_macs(cfg, h, w, text_tokens)
+  if isinstance(cfg, UNetConfig):
+    return 2.0 * unet_forward_macs(cfg, h, w, text_tokens)
   raise TypeError(f"no FLOP formula for {type(cfg).__name__}")
 
 

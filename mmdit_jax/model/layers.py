@@ -190,6 +190,24 @@ class MLPEmbedder(nnx.Module):
     return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
+def aug_embedder(lowres_channels, dim, rngs, dtype):
+  """A super-resolution stage's embedder of the augmentation level (as the timestep's); None for a base model."""
+  return MLPEmbedder(256, dim, rngs, dtype, init=nnx.initializers.normal(0.02)) if lowres_channels else None
+
+
+def add_aug_level(embedder, vec, cond):
+  """vec + MLP(sinusoidal(1000 · aug_level)) for a super-resolution stage (Imagen: the noise-conditioning
+  augmentation level enters like a second timestep); vec unchanged for a base model."""
+  if embedder is None:
+    return vec
+  return vec + embedder(timestep_embedding(1000.0 * cond["aug_level"]).astype(vec.dtype))
+
+
+def with_lowres(x, cond):
+  """x (B, h, w, C) with the super-resolution stage's upsampled low-res input concatenated on channels."""
+  return x if "lowres" not in cond else jnp.concatenate([x, cond["lowres"].astype(x.dtype)], axis=-1)
+
+
 def _sincos_1d(dim, pos):
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
   out = np.outer(pos.reshape(-1), omega)

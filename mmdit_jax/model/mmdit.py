@@ -28,6 +28,7 @@ class MMDiTConfig:
   patch_size: int = 2  # P
   in_channels: int = 16  # C of the latents (SD3 VAE: 16)
   out_channels: int | None = None  # None → in_channels
+  lowres_channels: int = 0  # super-resolution stage: channels of the upsampled low-res input concatenated
   context_dim: int = 4096  # width of the text context (CLIP ⊕ T5 padded to 4096)
   pooled_dim: int = 2048  # width of the pooled CLIP vector (768 + 1280)
   pos_embed_max_size: int = 192  # side of the extended sin-cos grid, centre-cropped to each h × w
@@ -170,9 +171,10 @@ class MMDiT(nnx.Module):
   def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dt, p = cfg.width, get_dtype(cfg.dtype), cfg.patch_size
-    self.x_embedder = dense(p * p * cfg.in_channels, d, ("patch", "embed"), rngs, dtype=dt)
+    self.x_embedder = dense(p * p * (cfg.in_channels + cfg.lowres_channels), d, ("patch", "embed"), rngs, dtype=dt)
     self.t_embedder = layers.MLPEmbedder(256, d, rngs, dt, init=nnx.initializers.normal(0.02))
     self.y_embedder = layers.MLPEmbedder(cfg.pooled_dim, d, rngs, dt)
+    self.aug_embedder = layers.aug_embedder(cfg.lowres_channels, d, rngs, dt)
     self.context_embedder = nnx.List(
         [dense(cfg.context_dim, d, ("context_in", "embed"), rngs, dtype=dt) for _ in range(cfg.num_text_streams)])
     self.stages = nnx.List([
@@ -210,10 +212,11 @@ class MMDiT(nnx.Module):
     if h % p or w % p:
       raise ValueError(f"latent size {h}x{w} is not divisible by patch_size {p}")
     pos = layers.sincos_pos_embed(cfg.width, h // p, w // p, cfg.pos_embed_max_size, cfg.sample_size // p)
+    latents = layers.with_lowres(latents, cond)
     img = self.x_embedder(layers.patchify(latents.astype(dt), p)) + pos.astype(dt)  # (B, L, D)
     img = constrain(img, "act_batch", "act_seq", "act_embed")
     txts = [emb(c.astype(dt)) for emb, c in zip(self.context_embedder, self.split_context(context))]
-    vec = self.conditioning(t, pooled)  # (B, D)
+    vec = layers.add_aug_level(self.aug_embedder, self.conditioning(t, pooled), cond)  # (B, D)
     active = None if skip_layers is None else jnp.ones((cfg.depth,), bool).at[jnp.asarray(
         skip_layers, jnp.int32)].set(False)
     carry = (img, txts)
