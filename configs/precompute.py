@@ -8,6 +8,9 @@ output=/data/latents256,root=/ckpt/stable-diffusion-3-medium-diffusers
   # Aspect-ratio buckets instead of a square centre crop:
   python -m mmdit_jax.precompute --config=configs/precompute.py:input=…,output=…,root=… \
       --config.buckets="((256,256),(192,320),(320,192),(224,288),(288,224))"
+  # Pixel-space data for Imagen's U-Nets (images in [−1, 1], no VAE; 256² also serves a 64→256 SR stage):
+  python -m mmdit_jax.precompute --config=configs/precompute.py:input=…,output=/data/pixels256,root=…,resolution=256 \
+      --config.pixels=True
   # Class-conditional data (a 'label' column instead of captions; no text encoders needed):
   python -m mmdit_jax.precompute --config=configs/precompute.py:input=…/labels.csv,output=…,root=… \
       --config.label_key=label
@@ -39,6 +42,8 @@ def get_config(arg=None):
   c.encoder_dtype = "float32"  # compute dtype of the encoders (bfloat16 on TPU halves their memory)
   c.storage_dtype = "float16"
   c.sample_latents = False  # False: the posterior mean; True: a sample (seeded per example)
+  c.pixels = False  # True: store the images themselves in [−1, 1], no VAE (pixel-space models: Imagen's U-Nets;
+  # a super-resolution stage's low-res inputs are these images downsampled in the train step: config.sr)
   c.seed = 0
   c.batch_size = 16  # per host
   c.examples_per_shard = 1024

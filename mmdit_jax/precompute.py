@@ -1,5 +1,5 @@
-"""The precompute job: images + captions (or labels) → a training dataset of VAE latents and SD3 text
-embeddings, in the data pipeline's format.
+"""The precompute job: images + captions (or labels) → a training dataset of VAE latents (or, with
+config.pixels, the images themselves for pixel-space models) and SD3 text embeddings, in the data pipeline's format.
 
 python -m mmdit_jax.precompute --config=configs/precompute.py:input=MANIFEST,output=DIR,root=SD3_CKPT
 
@@ -182,7 +182,10 @@ def _fingerprint(source_id: str, c) -> str:
   h = hashlib.sha256(source_id.encode())
   fields = ("resolution", "buckets", "t5_tokens", "encoder_dtype", "storage_dtype", "sample_latents", "seed",
             "examples_per_shard", "image_key", "caption_key", "label_key")
-  h.update(json.dumps({k: c[k] for k in fields}, default=list, sort_keys=True).encode())
+  values = {k: c[k] for k in fields}
+  if c.get("pixels", False):  # (a field added later: latent datasets started before it still resume)
+    values["pixels"] = True
+  h.update(json.dumps(values, default=list, sort_keys=True).encode())
   encoders = c.encoders.to_dict()
   if not encoders.get("clip_skip"):  # (a default added later: datasets started before it still resume)
     encoders.pop("clip_skip", None)
@@ -228,15 +231,15 @@ def _batches(indices, size):
 
 
 def _encode_shard(items, start, c, autoencoder, text, dtype):
-  """Encoded examples of one shard, in manifest order."""
+  """Encoded examples of one shard, in manifest order (autoencoder None, config.pixels: the images themselves)."""
   n = len(items)
-  latents: list = [None] * n
   images = [load_image(it.image, c.resolution, c.buckets) for it in items]
+  latents: list = [img.astype(dtype) for img in images] if autoencoder is None else [None] * n
   by_size: dict = {}
   for i, img in enumerate(images):
     by_size.setdefault(img.shape, []).append(i)
-  f = autoencoder.cfg.downsample
-  for shape, idx in by_size.items():
+  for shape, idx in by_size.items() if autoencoder is not None else ():
+    f = autoencoder.cfg.downsample
     for batch in _batches(idx, c.batch_size):
       x = parallel.pad_batch(np.stack([images[i] for i in batch]), c.batch_size)
       noise = None
@@ -288,8 +291,10 @@ def run(c, process: tuple[int, int] | None = None) -> records.Metadata | None:
   paths = sd3.EncoderPaths.from_config(c.encoders)
   mesh = parallel.make_mesh(c.mesh.ici.to_dict(), devices=jax.local_devices())
   rules = tuple(tuple(r) for r in c.sharding_rules)
-  autoencoder = sd3.Autoencoder(paths.vae, mesh, rules, dtype=c.encoder_dtype)
-  _check_config(c, autoencoder.cfg.downsample)
+  pixels = bool(c.get("pixels", False))
+  autoencoder = None if pixels else sd3.Autoencoder(paths.vae, mesh, rules, dtype=c.encoder_dtype)
+  if autoencoder is not None:
+    _check_config(c, autoencoder.cfg.downsample)
   text = None if c.label_key else sd3.SD3TextEncoder(paths, mesh, rules, t5_tokens=c.t5_tokens, dtype=c.encoder_dtype,
                                                         clip_skip=c.encoders.get("clip_skip", 0))
   dtype = np.dtype(jax.numpy.bfloat16) if c.storage_dtype == "bfloat16" else np.dtype(c.storage_dtype)
@@ -340,11 +345,14 @@ def _finalize(out, c, shards, autoencoder, text, dtype):
   done = [json.loads(_done_path(out, i).read_text()) for i in range(len(shards))]
   shapes = [s for d in done for s in d["shapes"]]
   example = {"latent": np.zeros(shapes[0], dtype)}
-  extras = {"name": out.name, "source": str(c.input), "source_fingerprint": json.loads((out / PLAN).read_text())["fingerprint"], "latent_scale": autoencoder.cfg.scaling_factor,
-            "latent_shift": autoencoder.cfg.shift_factor, "latents_normalised": True,
-            "resolution": c.resolution, "buckets": [list(b) for b in c.buckets],
-            "sample_latents": c.sample_latents, "encoder_dtype": c.encoder_dtype,
-            "encoders": {"vae": autoencoder.describe()}}
+  extras = {"name": out.name, "source": str(c.input), "source_fingerprint": json.loads((out / PLAN).read_text())["fingerprint"],
+            "resolution": c.resolution, "buckets": [list(b) for b in c.buckets], "encoder_dtype": c.encoder_dtype}
+  if autoencoder is None:  # pixel space: the images in [−1, 1]
+    extras.update({"pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "encoders": {}})
+  else:
+    extras.update({"latent_scale": autoencoder.cfg.scaling_factor, "latent_shift": autoencoder.cfg.shift_factor,
+                   "latents_normalised": True, "sample_latents": c.sample_latents,
+                   "encoders": {"vae": autoencoder.describe()}})
   null = None
   if text is None:
     example["label"] = np.zeros((), np.int32)

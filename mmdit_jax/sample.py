@@ -38,7 +38,7 @@ def _recorded_paths(cfg: TrainConfig):
     return None
   meta = data.load_metadata(cfg.data.path)
   recorded = meta.extras.get("encoders", {})
-  if not isinstance(recorded, dict) or "vae" not in recorded:
+  if not isinstance(recorded, dict) or not {"vae", "clip_l"} & set(recorded):  # (pixel datasets: no vae)
     return None
   get = lambda role, key: recorded[role][key] if role in recorded else ""
   paths = sd3.EncoderPaths(
@@ -69,7 +69,7 @@ def sd3_encoders(cfg: TrainConfig, mesh):
   if text.pooled_dim != cfg.model.pooled_dim:
     raise UserError(f"the encoders give pooled width {text.pooled_dim}; config.model.pooled_dim is "
                     f"{cfg.model.pooled_dim}")
-  return text, sd3.Autoencoder(paths.vae, mesh, cfg.sharding_rules)
+  return text, (sd3.Autoencoder(paths.vae, mesh, cfg.sharding_rules) if paths.vae else None)
 
 
 def _slug(text: str, limit: int = 150) -> str:

@@ -89,6 +89,24 @@ def test_precompute_resume_train_and_sample(folder, sd3_root, tmp_path):
   assert img.shape == (32, 32, 3) and img.std() > 0
 
 
+def test_pixel_space_dataset(folder, sd3_root, tmp_path):
+  """config.pixels: the images themselves (no VAE), with the prompts' embeddings — Imagen's pixel-space data."""
+  out = tmp_path / "pixels"
+  meta = precompute.run(_pc(folder, out, sd3_root, pixels=True))
+  assert meta.extras["pixels"] is True and "vae" not in meta.extras["encoders"]
+  assert meta.feature("latent").shape == (32, 32, 3) and meta.extras["latent_scale"] == 1.0
+  ds = data.Dataset(data.PipelineConfig(str(out), 8, shuffle=False, text_dropout=()))
+  rows = ds.load_batch(0, 0, 1)
+  images = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png"), np.float32) / 127.5 - 1 for i in range(8)])
+  np.testing.assert_allclose(rows["latent"], images, atol=1e-3)
+  assert rows["context"].shape[0] == 8
+  from mmdit_jax import inputs
+  c = config(**{"data.path": str(out), "model.context_dim": 80, "model.pooled_dim": 80})
+  assert inputs.pixel_space(c)
+  c = config(**{"data.path": str(out), "model.context_dim": 80, "model.pooled_dim": 80, "shift_base_resolution": 32})
+  assert inputs.with_latent_downsample(c).data.latent_downsample == 1
+
+
 def test_buckets_and_labels(tmp_path, sd3_root):
   """Class-conditional data (a CSV of labels) in aspect-ratio buckets."""
   rows = ["image,label"]
