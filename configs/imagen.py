@@ -76,7 +76,9 @@ def get_config(arg=None):
     name, side, factor, _ = _PAPER[args.stage]
     if args.backbone != "unet":
       raise defaults.ConfigError("size=paper is Imagen's U-Nets: backbone=unet")
-    fields = dict(IMAGEN_UNETS[name], dtype="bfloat16", remat="dots_no_batch")
+    # bf16 compute; each level's run of same-width blocks scanned (one compiled block: TPU compiles the
+    # 16-block levels once, where the CPU runs scanned convolutions slowly, UNetConfig.scan_layers)
+    fields = dict(IMAGEN_UNETS[name], dtype="bfloat16", remat="dots_no_batch", scan_layers=True)
   fields["lowres_channels"] = 3 if sr else 0
   c = defaults.base_config(args.backbone, **fields)
   # Imagen: ε-prediction on the continuous-time cosine process, dynamic thresholding (percentile 99.5) and

@@ -100,3 +100,23 @@ def test_cascade_end_to_end(straight, tmp_path):
   assert json.loads((out / "cascade.json").read_text())["stages"][0]["workdir"] == str(base_dir)
   with pytest.raises(UserError, match="not a super-resolution stage"):
     cascade.run_cascade(helpers.config(), base_dir, [str(base_dir)], prompts)
+
+
+def test_imagen_recipe_presets():
+  from configs import imagen
+  from mmdit_jax import config as config_lib
+  from mmdit_jax.model import unet
+  base = config_lib.from_config_dict(imagen.get_config("stage=base,size=paper"))
+  assert base.model == unet.imagen_unet("base64", dtype="bfloat16", remat="dots_no_batch", scan_layers=True)
+  assert base.formulation.name == "eps/cos" and base.sample.threshold == "dynamic" and base.data.text_dropout == 0.1
+  assert base.sr.factor == 0 and base.data.resolution == 64
+  sr = config_lib.from_config_dict(imagen.get_config("stage=sr,size=paper,pred=v"))
+  assert sr.sr.factor == 4 and sr.model.lowres_channels == 3 and sr.data.resolution == 256
+  assert sr.formulation.name == "v/cos" and sr.sr.aug_max == 0.5
+  demo_sr = config_lib.from_config_dict(imagen.get_config("stage=sr,aug=0,backbone=mmdit"))
+  assert demo_sr.data.demo_size == 64 and demo_sr.sr.aug_max == 0.0 and demo_sr.model.sample_size == 64
+  assert demo_sr.formulation.name.startswith("rf/lognorm")
+  for bad, match in (("stage=sr512", "unknown stage"), ("stage=sr1024", "size=paper"),
+                     ("size=paper,backbone=mmdit", "backbone=unet"), ("pred=x0", "unknown pred")):
+    with pytest.raises(ConfigError, match=match):
+      imagen.get_config(bad)
