@@ -91,7 +91,7 @@ def get_config(arg=None):
   c.data.text_dropout = 0.1  # Imagen: the text dropped for 10 % of examples (classifier-free guidance)
   c.sr.factor = factor
   c.sr.aug_max = args.aug if sr else 0.0
-  c.sr.aug_level = 0.1 if sr else 0.0
+  c.sr.aug_level = min(0.1, args.aug) if sr else 0.0  # (a stage trained without augmentation samples without)
   c.sr.upsample = "bilinear"
   if demo_run:
     c.data.demo_size = side
