@@ -256,6 +256,9 @@ def _sample_report(cfg: TrainConfig, mesh, shardings, abstract, latent_shape, te
   replicated = parallel.replicated(mesh)
   null = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=replicated) for k, v in cond.items()}
   noise = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=parallel.batch_sharding(mesh, 4))
+  if cfg.sr.factor:  # a super-resolution stage samples from the upsampled, augmented low-res input
+    cond["lowres"] = noise
+    cond["aug_level"] = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract["ema"],
                         shardings["ema"])
   lowered = jax.jit(evaluate.make_generate(cfg)).lower(params, cond, null, noise)

@@ -119,7 +119,11 @@ def test_compile_mode_for_a_tpu_topology(tmp_path):
   c = r["collectives"]
   assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0, c  # FSDP: gather weights, scatter grads
   assert 0 < r["roofline_mfu"] <= 1 and r["roofline_step_s"] > 0 and r["sample"]["total_gib"] > 0
-  # One chip (in process, train step only): no collectives at all.
-  single = aot.compile_report(helpers.config(**{"model.depth": 2, "model.hidden_size": 64, "mesh.ici.data": -1}),
-                              "v5e:1x1", sample=False)
+  # One chip (in process), a 32 → 64 super-resolution stage: no collectives at all; its sampling loop compiles
+  # with the low-res input.
+  sr = {"sr.factor": 2, "model.lowres_channels": 3, "data.demo_size": 64, "model.sample_size": 64,
+        "model.pos_embed_max_size": 8, "sample.steps": 2}
+  single = aot.compile_report(helpers.config(**{"model.depth": 2, "model.hidden_size": 64, "mesh.ici.data": -1, **sr}),
+                              "v5e:1x1")
   assert single["fits"] and all(v["count"] == 0 for k, v in single["collectives"].items() if isinstance(v, dict))
+  assert "error" not in single["sample"] and single["sample"]["total_gib"] > 0
