@@ -34,10 +34,32 @@ def test_training_condition_is_the_target_downsampled_upsampled_and_noised():
   np.testing.assert_allclose(clean["lowres"], superres.upsample(low, (8, 8)), rtol=1e-6)
   noisy = superres.condition(cfg, low, jnp.full((4,), 0.5), jnp.ones_like(x))
   np.testing.assert_allclose(noisy["lowres"], 0.5 * superres.upsample(low, (8, 8)) + 0.5, rtol=1e-5, atol=1e-6)
+  noise = jax.random.normal(jax.random.key(2), x.shape)
+  np.testing.assert_allclose(superres.condition(cfg, low, jnp.ones(4), noise)["lowres"], noise, atol=1e-6)  # level 1
   fixed = superres.fixed_condition(cfg, {"latent": x}, jax.random.key(1))
   np.testing.assert_array_equal(fixed["aug_level"], np.full(4, 0.1, np.float32))
   with pytest.raises(ValueError, match="cannot be downsampled 3×"):
     superres.downsample(x, 3)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_sr_stages_of_several_factors(factor):
+  """The conditioning and a stage's prediction keep the target's shape for 2× and 4× (U-Net and MM-DiT)."""
+  from mmdit_jax import model
+  from mmdit_jax.model import unet
+  side = 8 * factor
+  cfg = helpers.config(**{**SR, "sr.factor": factor, "data.demo_size": side})
+  x = jnp.zeros((2, side, side, 3))
+  cond = superres.training_condition(cfg, {"latent": x}, jax.random.key(0))
+  assert cond["lowres"].shape == x.shape
+  text = {"context": jnp.zeros((2, 4, 32)), "pooled": jnp.zeros((2, 32)), "lowres": cond["lowres"],
+          "aug_level": cond["aug_level"]}
+  u = unet.UNetConfig(channels=8, channel_mult=(1, 2), num_res_blocks=(1, 1), attn_levels=(False, True),
+                      cross_attn_levels=(False, True), num_heads=2, norm_groups=4, context_dim=32, pooled_dim=32,
+                      lowres_channels=3)
+  for m in (u, cfg.model):
+    out = jax.eval_shape(lambda p: model.forward(m, p, x, jnp.zeros(2), text), model.abstract_params(m))
+    assert out.shape == x.shape
 
 
 def test_sr_config_errors_name_the_fields():
@@ -70,6 +92,7 @@ def test_stage_specs_and_overrides(tmp_path):
     cascade.stage_config(str(tmp_path), {"sample.threshold": "hard"})
 
 
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run as its base stage)
 def test_cascade_end_to_end(straight, tmp_path):
   """The tiny base run, a 2-step SR stage trained here (its sample evaluation scores PSNR beside bicubic), then
   prompts → 32² → 64² PNGs with a sweep of the augmentation level."""
@@ -86,7 +109,7 @@ def test_cascade_end_to_end(straight, tmp_path):
   rng = np.random.default_rng(0)
   prompts = [demo.caption(demo.random_scene(rng)) for _ in range(2)]
   report = cascade.run_cascade(helpers.config(**{"sample.steps": 2}), base_dir,
-                               [f"{sr_dir}:sample.steps=3,sr.aug_level=0.2"], prompts, aug_sweep=(0.0, 0.3))
+                               [f"{sr_dir}:sample.steps=3,sr.aug_level=0.2"], prompts, aug_sweep=(0.3,))
   out = epath.Path(base_dir) / "cascade"
   assert [s["size"] for s in report["stages"]] == [[32, 32], [64, 64]]
   assert report["stages"][1]["aug_level"] == 0.2 and report["stages"][1]["steps"] == 3
@@ -95,7 +118,7 @@ def test_cascade_end_to_end(straight, tmp_path):
     pngs = sorted((out / f"stage_{k}").glob("0*.png"))
     assert len(pngs) == 2
     assert Image.open(pngs[0]).size == (side * max(1, 128 // side),) * 2
-  assert [r["aug_level"] for r in report["aug_sweep"]] == [0.0, 0.3]
+  assert [r["aug_level"] for r in report["aug_sweep"]] == [0.3]
   assert "| 0.300 |" in (out / "aug_sweep.md").read_text()
   assert json.loads((out / "cascade.json").read_text())["stages"][0]["workdir"] == str(base_dir)
   with pytest.raises(UserError, match="not a super-resolution stage"):

@@ -35,8 +35,8 @@ def _record_res_inputs(monkeypatch):
   return seen
 
 
-@pytest.mark.parametrize("layout", ["efficient", "ddpm"])
-@pytest.mark.parametrize("hw", [(16, 16), (16, 32), (32, 8)])
+@pytest.mark.parametrize("layout,hw", [("efficient", (16, 16)), ("efficient", (16, 32)), ("efficient", (32, 8)),
+                                       ("ddpm", (16, 32))])
 def test_shapes_at_every_level(monkeypatch, layout, hw):
   cfg = unet.UNetConfig(**SMALL, layout=layout)
   seen = _record_res_inputs(monkeypatch)
