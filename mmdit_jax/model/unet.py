@@ -349,7 +349,12 @@ class UNet(nnx.Module):
     cfg = self.cfg
     if cfg.remat == "none":
       return block(*args)
-    return nnx.remat(lambda b, *a: b(*a), policy=remat_policy(cfg.remat, cfg.remat_names))(block, *args)
+    graphdef, state = nnx.split(block)  # a pure function of the block's state, as Stack's scan body is
+
+    def pure(state, *args):
+      return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(pure, policy=remat_policy(cfg.remat, cfg.remat_names))(state, *args)
 
   def __call__(self, x, t, cond):
     """x (B, H, W, C) and t (B,) in [0, 1]; cond {context (B, T, ·), pooled (B, ·)[, context_mask (B, T)]
