@@ -38,7 +38,7 @@ def main():
   args = parser.parse_args()
 
   import jax
-  from mmdit_jax import cascade, evaluate, fid, sample, superres
+  from mmdit_jax import cascade, fid, sample, superres
   from mmdit_jax.data import demo
 
   start = time.time()
@@ -49,19 +49,16 @@ def main():
   base_cfg = cascade.stage_config(args.base, {})
   base = sample.generate(base_cfg, args.base, requests)
   size = 2 * base.images.shape[1]
-  truth = np.stack([demo.render(s, size=size) for s in scenes])
   reference = np.stack([demo.render(demo.random_scene(rng), rng, size=size) for _ in range(args.num)])
   features = fid.feature_network("demo", "")
 
   def score(images) -> dict:
-    acc = demo.compositional_accuracy(images, prompts)
-    return {"accuracy_all": acc["all"], "accuracy_position": acc["position"], "accuracy_colour": acc["colour"],
-            "accuracy_shape": acc["shape"], "psnr": evaluate.psnr(images, truth),
-            "fid_demo": fid.fid(features, images, reference)}
+    return {**cascade.scene_scores(images, prompts), "fid_demo": fid.fid(features, images, reference)}
 
   base_scores = {k: v for k, v in demo.compositional_accuracy(base.images, prompts).items()}
   rows = [{"method": "bicubic", "input": "base samples", "aug_level": None,
            **score(np.asarray(superres.upsample(jax.numpy.asarray(base.images), (size, size), "bicubic")))}]
+  truth = np.stack([demo.render(s, size=size) for s in scenes])  # the captions' scenes, no jitter
   truth_low = np.asarray(superres.downsample(truth, 2))
   rows.append({"method": "bicubic", "input": "true low-res", "aug_level": None,
                **score(np.asarray(superres.upsample(jax.numpy.asarray(truth_low), (size, size), "bicubic")))})

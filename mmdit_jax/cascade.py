@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from mmdit_jax import config as config_lib
-from mmdit_jax import evaluate, inputs, paths, sample
+from mmdit_jax import defaults, evaluate, inputs, paths, sample
 from mmdit_jax.config import TrainConfig
 from mmdit_jax.data import demo
 from mmdit_jax.errors import ConfigError, UserError
@@ -52,11 +52,9 @@ def parse_stage(spec: str) -> tuple[str, dict]:
 
 
 def _typed(key: str, raw: str, current):
-  if isinstance(current, bool):
-    return raw.lower() in ("1", "true", "yes")
-  if isinstance(current, (int, float, str)):
+  if isinstance(current, (bool, int, float, str)):
     try:
-      return type(current)(raw)
+      return defaults.typed_value(raw, current)
     except ValueError as e:
       raise UserError(f"--cascade override {key}={raw!r} is not a {type(current).__name__}") from e
   raise UserError(f"--cascade override {key}: only numbers, strings and booleans can be set here, "
@@ -96,18 +94,23 @@ def _stage_input(previous: sample.Samples, cfg: TrainConfig) -> np.ndarray:
   return previous.latents
 
 
+def scene_scores(images: np.ndarray, captions: list) -> dict:
+  """Demo images (N, S, S, 3) against their captions: compositional accuracy (all, position, colour, shape) and
+  PSNR against the captions' scenes rendered at S² (the cascade's reports and benchmarks/cascade_ablation.py)."""
+  truth = np.stack([demo.render(demo.parse_caption(c), size=images.shape[1]) for c in captions])
+  acc = demo.compositional_accuracy(images, captions)
+  return {"accuracy_all": acc["all"], "accuracy_position": acc["position"], "accuracy_colour": acc["colour"],
+          "accuracy_shape": acc["shape"], "psnr": evaluate.psnr(images, truth)}
+
+
 def _demo_scores(cfg: TrainConfig, images: np.ndarray, names: list) -> dict:
-  """On the text demo: compositional accuracy and PSNR against the captions' scenes rendered at this size."""
+  """scene_scores on the text demo (prompts that are demo captions); {} elsewhere."""
   if not inputs.is_demo(cfg) or images is None:
     return {}
   try:
-    scenes = [demo.parse_caption(n) for n in names]
-  except UserError:
+    return scene_scores(images, names)
+  except UserError:  # (a prompt that is not a demo caption)
     return {}
-  truth = np.stack([demo.render(s, size=images.shape[1]) for s in scenes])
-  acc = demo.compositional_accuracy(images, names)
-  return {"accuracy_all": acc["all"], "accuracy_position": acc["position"], "accuracy_colour": acc["colour"],
-          "accuracy_shape": acc["shape"], "psnr": evaluate.psnr(images, truth)}
 
 
 def run_cascade(cfg: TrainConfig, workdir, specs, prompts=(), embeddings=None, labels=(), aug_sweep=()) -> dict:

@@ -21,6 +21,12 @@ from mmdit_jax.errors import ConfigError
 from mmdit_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
 
 
+def typed_value(raw: str, like):
+  """The command-line text `raw` as a value of `like`'s type (bool: 1/true/yes); ValueError if it is not one."""
+  kind = type(like)
+  return (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+
+
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   """'size=tiny,steps=300' → a ConfigDict of `defaults` overridden by the arg (values keep their type)."""
   cfg = ml_collections.ConfigDict(defaults)
@@ -28,11 +34,10 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     key, _, value = item.partition("=")
     if key not in cfg:
       raise ConfigError(f"unknown config arg {key!r} in {arg!r}; valid: {sorted(cfg.keys())}")
-    kind = type(defaults[key])
     try:
-      cfg[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+      cfg[key] = typed_value(value, defaults[key])
     except ValueError as e:
-      raise ConfigError(f"config arg {key}={value!r} is not a {kind.__name__}") from e
+      raise ConfigError(f"config arg {key}={value!r} is not a {type(defaults[key]).__name__}") from e
   return cfg
 
 

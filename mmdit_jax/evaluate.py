@@ -140,6 +140,12 @@ def sample_noise(seed: int, indices, shape) -> np.ndarray:
   return np.asarray(_noise(jax.random.key(seed), indices, jnp.zeros((len(indices), *shape), jnp.float32)))
 
 
+def augmentation_noise(cfg: TrainConfig, n: int, shape) -> np.ndarray:
+  """The noise that augments a super-resolution stage's low-res input of samples 0..n−1 at sampling: the
+  initial-noise draws of seed config.sample.seed + 1 (independent of the samples' own noise)."""
+  return sample_noise(cfg.sample.seed + 1, np.arange(n), shape)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """Images in [−1, 1] (decoded, or the demo's RGB latents) → uint8."""
   return np.clip(np.round((np.asarray(images) + 1) * 127.5), 0, 255).astype(np.uint8)
@@ -240,8 +246,7 @@ class SampleEvaluator:
       target = (np.stack([demo.render(s, size=self.latent_shape[0]) for s in scenes]) if self.captions is not None
                 else rows["latent"].astype(np.float32))
       lowres = np.asarray(superres.downsample(target, cfg.sr.factor))
-      self.cond.update(superres.sampling_condition(
-          cfg, lowres, sample_noise(cfg.sample.seed + 1, np.arange(n), self.latent_shape)))
+      self.cond.update(superres.sampling_condition(cfg, lowres, augmentation_noise(cfg, n, self.latent_shape)))
       self.sr_target = self.decode(target)
       self.sr_bicubic = psnr(self.decode(np.asarray(superres.upsample(lowres, target.shape[1:3], "bicubic"))),
                              self.sr_target)

@@ -241,7 +241,7 @@ def generate(cfg: TrainConfig, workdir, requests=(), embeddings: str | None = No
     state, step = restore_for_eval(cfg, workdir, mesh, imported)
     requests = requests or [Request(name) for name in names]
     noise = _noise(cfg, requests, shape)
-    aug_noise = evaluate.sample_noise(cfg.sample.seed + 1, np.arange(len(noise)), shape) if cfg.sr.factor else None
+    aug_noise = evaluate.augmentation_noise(cfg, len(noise), shape) if cfg.sr.factor else None
     run = jax.jit(evaluate.make_generate(cfg))
     latents = np.zeros(noise.shape, np.float32)
     for indices, cond, null, per_sample in groups:  # (one group unless T5 lengths differ)

@@ -38,19 +38,21 @@ def condition(cfg: TrainConfig, lowres, aug_level, noise) -> dict:
   return {"lowres": cfg.formulation.perturb(up, noise.astype(jnp.float32), aug_level), "aug_level": aug_level}
 
 
+def _batch_condition(cfg: TrainConfig, batch: dict, level, key) -> dict:
+  x = batch["latent"].astype(jnp.float32)
+  return {**batch, **condition(cfg, downsample(x, cfg.sr.factor), level, jax.random.normal(key, x.shape))}
+
+
 def training_condition(cfg: TrainConfig, batch: dict, key) -> dict:
   """The batch with its SR conditioning: lowres from its own latents, t_aug ~ U(0, sr.aug_max)."""
-  x = batch["latent"].astype(jnp.float32)
   k_level, k_noise = jax.random.split(key)
-  level = jax.random.uniform(k_level, (x.shape[0],)) * cfg.sr.aug_max
-  return {**batch, **condition(cfg, downsample(x, cfg.sr.factor), level, jax.random.normal(k_noise, x.shape))}
+  level = jax.random.uniform(k_level, batch["latent"].shape[:1]) * cfg.sr.aug_max
+  return _batch_condition(cfg, batch, level, k_noise)
 
 
 def fixed_condition(cfg: TrainConfig, batch: dict, key) -> dict:
   """The batch with its SR conditioning at the fixed level sr.aug_level (validation)."""
-  x = batch["latent"].astype(jnp.float32)
-  level = jnp.full((x.shape[0],), cfg.sr.aug_level, jnp.float32)
-  return {**batch, **condition(cfg, downsample(x, cfg.sr.factor), level, jax.random.normal(key, x.shape))}
+  return _batch_condition(cfg, batch, jnp.full(batch["latent"].shape[:1], cfg.sr.aug_level, jnp.float32), key)
 
 
 def sampling_condition(cfg: TrainConfig, lowres: np.ndarray, noise: np.ndarray, aug_level: float | None = None) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mmdit_jax.model.dit import DiTConfig
 from mmdit_jax.model.mmdit import MMDiTConfig
-from mmdit_jax.model.unet import UNetConfig, forward_macs as unet_forward_macs
+from mmdit_jax.model.unet import UNetConfig
 
 
 def _dense_stream_macs(tokens, d, f):
@@ -58,6 +58,64 @@ def dit_forward_macs(cfg: DiTConfig, h: int, w: int, text_tokens: int = 0) -> in
   if cfg.long_skip:
     macs += (cfg.depth // 2) * s * 2 * d * d
   macs += d * 2 * d + n_img * d * p * p * cfg.out_dim
+  return macs
+
+
+def unet_forward_macs(cfg: UNetConfig, h: int, w: int, text_tokens: int) -> int:
+  """Multiply-adds of one forward at h × w with `text_tokens` context tokens (convs, attention, dense)."""
+  conv = lambda hh, ww, cin, cout, k=3: hh * ww * k * k * cin * cout
+  res = lambda hh, ww, cin, cout: (conv(hh, ww, cin, cout) + conv(hh, ww, cout, cout) + cfg.emb_dim * 2 * cout
+                                   + (conv(hh, ww, cin, cout, 1) if cin != cout else 0))
+
+  def attn(i, hh, ww, c, self_attn=None, cross=None):
+    self_attn = cfg.attn_levels[i] if self_attn is None else self_attn
+    cross = cfg.cross_attn_levels[i] if cross is None else cross
+    n, f = hh * ww, int(c * cfg.ff_mult)
+    macs = (n * 2 * c * f) if (self_attn or cross) else 0
+    text_kv = text_tokens * 2 * cfg.channels * c
+    if self_attn and cross and cfg.text_attention == "joint":
+      return macs + n * 4 * c * c + text_kv + 2 * n * (n + text_tokens) * c
+    if self_attn:
+      macs += n * 4 * c * c + 2 * n * n * c
+    if cross:
+      macs += n * 2 * c * c + text_kv + 2 * n * text_tokens * c
+    return macs
+
+  c0, widths = cfg.channels, cfg.level_widths
+  e = cfg.emb_dim
+  macs = conv(h, w, cfg.in_channels + cfg.lowres_channels, c0) + conv(h, w, c0, cfg.out_dim)
+  macs += (c0 * e + e * e) * (2 if cfg.lowres_channels else 1) + cfg.pooled_dim * e + e * e
+  macs += text_tokens * cfg.context_dim * c0
+  size = lambda i: (h >> i, w >> i)
+  if cfg.layout == "efficient":
+    prev = [c0, *widths[:-1]]
+    for i, c in enumerate(widths):
+      hh, ww = size(i)
+      macs += conv(hh, ww, prev[i], c) if i else 0
+      n = cfg.num_res_blocks[i]
+      macs += (2 * n - 1) * res(hh, ww, c, c) + res(hh, ww, 2 * c, c)
+      macs += (2 * n if cfg.attn_every_block else 2) * attn(i, hh, ww, c)
+      macs += conv(2 * hh, 2 * ww, c, prev[i]) if i else 0
+    return macs
+  ch, skips = c0, [c0]
+  for i, c in enumerate(widths):
+    hh, ww = size(i)
+    for _ in range(cfg.num_res_blocks[i]):
+      macs += res(hh, ww, ch, c) + attn(i, hh, ww, c)
+      ch = c
+      skips.append(ch)
+    if i < len(widths) - 1:
+      macs += conv(hh // 2, ww // 2, ch, ch)
+      skips.append(ch)
+  hh, ww = size(len(widths) - 1)
+  macs += 2 * res(hh, ww, ch, ch) + attn(len(widths) - 1, hh, ww, ch, True, cfg.cross_attn_levels[-1])
+  for i in reversed(range(len(widths))):
+    hh, ww = size(i)
+    for j in range(cfg.num_res_blocks[i] + 1):
+      macs += res(hh, ww, ch + skips.pop(), widths[i]) + attn(i, hh, ww, widths[i])
+      ch = widths[i]
+      if i and j == cfg.num_res_blocks[i]:
+        macs += conv(2 * hh, 2 * ww, ch, ch)
   return macs
 
 

@@ -195,12 +195,12 @@ def aug_embedder(lowres_channels, dim, rngs, dtype):
   return MLPEmbedder(256, dim, rngs, dtype, init=nnx.initializers.normal(0.02)) if lowres_channels else None
 
 
-def add_aug_level(embedder, vec, cond):
-  """vec + MLP(sinusoidal(1000 · aug_level)) for a super-resolution stage (Imagen: the noise-conditioning
+def add_aug_level(embedder, vec, cond, dim=256):
+  """vec + MLP(sinusoidal_dim(1000 · aug_level)) for a super-resolution stage (Imagen: the noise-conditioning
   augmentation level enters like a second timestep); vec unchanged for a base model."""
   if embedder is None:
     return vec
-  return vec + embedder(timestep_embedding(1000.0 * cond["aug_level"]).astype(vec.dtype))
+  return vec + embedder(timestep_embedding(1000.0 * cond["aug_level"], dim).astype(vec.dtype))
 
 
 def with_lowres(x, cond):

@@ -356,6 +356,10 @@ class UNet(nnx.Module):
 
     return jax.checkpoint(pure, policy=remat_policy(cfg.remat, cfg.remat_names))(state, *args)
 
+  def _join(self, h, skip):
+    """The up path's input: h and the skip connection scaled by skip_scale, concatenated on channels."""
+    return jnp.concatenate([h, skip * jnp.asarray(self.cfg.skip_scale, h.dtype)], axis=-1)
+
   def __call__(self, x, t, cond):
     """x (B, H, W, C) and t (B,) in [0, 1]; cond {context (B, T, ·), pooled (B, ·)[, context_mask (B, T)]
     [, lowres (B, H, W, C_lr), aug_level (B,)]} → (B, H, W, out) float32."""
@@ -366,9 +370,7 @@ class UNet(nnx.Module):
       raise ValueError(f"input {h}x{w} is not divisible by 2^(levels − 1) = {cfg.patch_size}")
     x = layers.with_lowres(x, cond)
     emb = self.t_embedder(layers.timestep_embedding(1000.0 * t, cfg.channels).astype(dt))
-    emb = emb + self.y_embedder(cond["pooled"].astype(dt))
-    if self.aug_embedder is not None:
-      emb = emb + self.aug_embedder(layers.timestep_embedding(1000.0 * cond["aug_level"], cfg.channels).astype(dt))
+    emb = layers.add_aug_level(self.aug_embedder, emb + self.y_embedder(cond["pooled"].astype(dt)), cond, cfg.channels)
     context = self.context_embedder(cond["context"].astype(dt))  # (B, T, channels)
     mask = cond.get("context_mask")
     bias = None if mask is None else jnp.where(mask[:, None, None, :], 0.0, -1e9).astype(jnp.float32)
@@ -384,8 +386,7 @@ class UNet(nnx.Module):
           h_ = self._run(self.down_attn[i], h_, context, bias)
         skips.append(h_)
       for i in reversed(range(len(cfg.channel_mult))):
-        h_ = jnp.concatenate([h_, skips.pop() * jnp.asarray(cfg.skip_scale, h_.dtype)], axis=-1)
-        h_ = self._run(self.up_first[i], h_, emb, context, bias)
+        h_ = self._run(self.up_first[i], self._join(h_, skips.pop()), emb, context, bias)
         if self.up_blocks[i] is not None:
           h_, _ = self.up_blocks[i](h_, emb, context, bias, **run)
         if self.up_attn[i] is not None:
@@ -405,67 +406,9 @@ class UNet(nnx.Module):
       res1, attn, res2 = self.mid
       h_ = self._run(res2, self._run(attn, self._run(res1, h_, emb), context, bias), emb)
       for res, attn, up in self.up_path:
-        h_ = self._run(res, jnp.concatenate([h_, skips.pop() * jnp.asarray(cfg.skip_scale, h_.dtype)], -1), emb)
+        h_ = self._run(res, self._join(h_, skips.pop()), emb)
         if attn is not None:
           h_ = self._run(attn, h_, context, bias)
         if up is not None:
           h_ = up(h_)
     return self.conv_out(jax.nn.silu(self.norm_out(h_))).astype(jnp.float32)
-
-
-def forward_macs(cfg: UNetConfig, h: int, w: int, text_tokens: int) -> int:
-  """Multiply-adds of one forward at h × w with `text_tokens` context tokens (convs, attention, dense)."""
-  conv = lambda hh, ww, cin, cout, k=3: hh * ww * k * k * cin * cout
-  res = lambda hh, ww, cin, cout: (conv(hh, ww, cin, cout) + conv(hh, ww, cout, cout) + cfg.emb_dim * 2 * cout
-                                   + (conv(hh, ww, cin, cout, 1) if cin != cout else 0))
-
-  def attn(i, hh, ww, c, self_attn=None, cross=None):
-    self_attn = cfg.attn_levels[i] if self_attn is None else self_attn
-    cross = cfg.cross_attn_levels[i] if cross is None else cross
-    n, f = hh * ww, int(c * cfg.ff_mult)
-    macs = (n * 2 * c * f) if (self_attn or cross) else 0
-    text_kv = text_tokens * 2 * cfg.channels * c
-    if self_attn and cross and cfg.text_attention == "joint":
-      return macs + n * 4 * c * c + text_kv + 2 * n * (n + text_tokens) * c
-    if self_attn:
-      macs += n * 4 * c * c + 2 * n * n * c
-    if cross:
-      macs += n * 2 * c * c + text_kv + 2 * n * text_tokens * c
-    return macs
-
-  c0, widths = cfg.channels, cfg.level_widths
-  e = cfg.emb_dim
-  macs = conv(h, w, cfg.in_channels + cfg.lowres_channels, c0) + conv(h, w, c0, cfg.out_dim)
-  macs += (c0 * e + e * e) * (2 if cfg.lowres_channels else 1) + cfg.pooled_dim * e + e * e
-  macs += text_tokens * cfg.context_dim * c0
-  size = lambda i: (h >> i, w >> i)
-  if cfg.layout == "efficient":
-    prev = [c0, *widths[:-1]]
-    for i, c in enumerate(widths):
-      hh, ww = size(i)
-      macs += conv(hh, ww, prev[i], c) if i else 0
-      n = cfg.num_res_blocks[i]
-      macs += (2 * n - 1) * res(hh, ww, c, c) + res(hh, ww, 2 * c, c)
-      macs += (2 * n if cfg.attn_every_block else 2) * attn(i, hh, ww, c)
-      macs += conv(2 * hh, 2 * ww, c, prev[i]) if i else 0
-    return macs
-  ch, skips = c0, [c0]
-  for i, c in enumerate(widths):
-    hh, ww = size(i)
-    for _ in range(cfg.num_res_blocks[i]):
-      macs += res(hh, ww, ch, c) + attn(i, hh, ww, c)
-      ch = c
-      skips.append(ch)
-    if i < len(widths) - 1:
-      macs += conv(hh // 2, ww // 2, ch, ch)
-      skips.append(ch)
-  hh, ww = size(len(widths) - 1)
-  macs += 2 * res(hh, ww, ch, ch) + attn(len(widths) - 1, hh, ww, ch, True, cfg.cross_attn_levels[-1])
-  for i in reversed(range(len(widths))):
-    hh, ww = size(i)
-    for j in range(cfg.num_res_blocks[i] + 1):
-      macs += res(hh, ww, ch + skips.pop(), widths[i]) + attn(i, hh, ww, widths[i])
-      ch = widths[i]
-      if i and j == cfg.num_res_blocks[i]:
-        macs += conv(2 * hh, 2 * ww, ch, ch)
-  return macs
