@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.image_key = "image"
   c.caption_key = "caption"
   c.label_key = ""  # class-conditional: read integer labels from this column instead of captions
+  c.rejected_key = ""  # preference pairs (Diffusion-DPO): this column's image is stored as latent_rejected
   c.resolution = args.resolution  # square centre crop, in pixels (a multiple of the VAE's downsampling)
   c.buckets = ()  # ((h, w), …) pixel sizes: each image goes to the bucket nearest its aspect ratio
   c.encoders = defaults.encoders_config()

@@ -28,7 +28,7 @@ from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.data import demo
 from mmdit_jax.errors import UserError
 from mmdit_jax.metrics import log
-from mmdit_jax.state import make_optimizer, state_shardings
+from mmdit_jax.state import FROZEN, base_shardings, has_base, make_optimizer, state_shardings
 from mmdit_jax.train_step import batch_spec, jit_train_step
 
 GIB = 1024 ** 3
@@ -259,8 +259,12 @@ def _sample_report(cfg: TrainConfig, mesh, shardings, abstract, latent_shape, te
   if cfg.sr.factor:  # a super-resolution stage samples from the upsampled, augmented low-res input
     cond["lowres"] = noise
     cond["aug_level"] = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract["ema"],
-                        shardings["ema"])
+  if cfg.lora.rank > 0:  # sampling runs the adapters merged into the base: the model's own parameters
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          model.abstract_params(cfg.model), model.param_shardings(cfg.model, mesh, cfg.sharding_rules))
+  else:
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract["ema"],
+                          shardings["ema"])
   lowered = jax.jit(evaluate.make_generate(cfg)).lower(params, cond, null, noise)
   compiled, seconds, error = _compile(lowered)
   report = {"batch": b, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "compile_s": seconds}
@@ -279,7 +283,9 @@ def compile_report(cfg: TrainConfig, topology: str, *, sample: bool = True) -> d
   tx, schedule = make_optimizer(cfg.optim, cfg.total_steps)
   latent_shape, text_tokens = batch_geometry(cfg)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
+    abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules, cfg.lora)
+    if has_base(cfg):  # fine-tuning: the frozen base (LoRA) / reference (DPO) in config.lora.base_dtype
+      abstract[FROZEN], shardings[FROZEN] = base_shardings(cfg.model, mesh, cfg.sharding_rules, cfg.lora.base_dtype)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch = batch_spec(cfg, mesh, latent_shape, text_tokens)
     lowered = jit_train_step(cfg, tx, schedule, shardings).lower(state, batch)
@@ -296,9 +302,13 @@ def compile_report(cfg: TrainConfig, topology: str, *, sample: bool = True) -> d
         "param_gib": _per_device_bytes(abstract["params"], shardings["params"]) / GIB,
         "opt_gib": _per_device_bytes(abstract["opt_state"], shardings["opt_state"]) / GIB,
         "ema_gib": _per_device_bytes(abstract["ema"], shardings["ema"]) / GIB,
+        "base_gib": _per_device_bytes(abstract[FROZEN], shardings[FROZEN]) / GIB if FROZEN in abstract else 0.0,
+        "trained_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"])),
+        "lora": {"rank": cfg.lora.rank, "targets": list(cfg.lora.targets), "base_dtype": cfg.lora.base_dtype}
+        if cfg.lora.rank else None, "dpo_beta": cfg.dpo.beta,
         "flops_per_step": flops / n_chips, "compile_s": compile_s,
         "peak_flops": chip["peak_flops"], "hbm_gbps": chip["hbm_gbps"]}
-    report["state_gib"] = report["param_gib"] + report["opt_gib"] + report["ema_gib"]
+    report["state_gib"] = report["param_gib"] + report["opt_gib"] + report["ema_gib"] + report["base_gib"]
     if compiled is None:
       report.update({"fits": False, "error": error})
       return report
@@ -327,8 +337,12 @@ def format_report(r: dict) -> str:
            f"  model {r['params'] / 1e9:.3f}B params, {r['dtype']}, remat {r['remat']}, attention {r['attention']}"
            + (f", {r['microbatches']} microbatches" if r.get("microbatches", 1) > 1 else "")
            + (f", XLA flags {r['xla_flags']['preset']}" if r.get("xla_flags", {}).get("preset", "none") != "none" else ""),
-           f"  per chip: params {r['param_gib']:.3f} + optimizer {r['opt_gib']:.3f} + EMA {r['ema_gib']:.3f} = "
-           f"state {r['state_gib']:.3f} GiB"]
+           f"  per chip: params {r['param_gib']:.3f} + optimizer {r['opt_gib']:.3f} + EMA {r['ema_gib']:.3f}"
+           + (f" + frozen base {r['base_gib']:.3f}" if r.get("base_gib") else "") + f" = state {r['state_gib']:.3f} GiB"]
+  if r.get("lora") or r.get("dpo_beta"):
+    lines.append(f"  fine-tuning: {r['trained_params'] / 1e6:.2f}M trained parameters"
+                 + (f", LoRA rank {r['lora']['rank']} on {r['lora']['targets']}, base in {r['lora']['base_dtype']}"
+                    if r.get("lora") else "") + (f", DPO β={r['dpo_beta']:g}" if r.get("dpo_beta") else ""))
   if not r["fits"] and "error" in r:
     lines.append(f"  DOES NOT FIT (compile {r['compile_s']:.0f} s): {r['error'].splitlines()[0][:400]}")
     return "\n".join(lines)

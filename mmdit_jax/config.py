@@ -201,6 +201,46 @@ class SRConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """LoRA adapters on the backbone's linear layers (mmdit_jax.model.lora): only they train; the base weights
+  (config.init) stay frozen and out of the optimizer state and the checkpoints."""
+  rank: int = 0  # 0: off (every parameter trains)
+  alpha: float = 0.0  # the delta is (alpha / rank)·A·B; 0 → alpha = rank (scale 1)
+  dropout: float = 0.0  # input features of A dropped per step (the merged form's dropout; PEFT's is per token)
+  targets: tuple[str, ...] = ("attn",)  # groups (model.lora.TARGET_GROUPS) or regular expressions of module paths
+  base_dtype: str = "float32"  # the frozen base held in float32 | bfloat16 | int8 (per-channel scales)
+  load: str = ""  # start from a diffusers/PEFT LoRA safetensors file (transformer.….lora_A.weight names)
+
+  def __post_init__(self):
+    from mmdit_jax.model import lora
+    _check("lora.rank", self.rank >= 0, f"must be >= 0 (0: off), got {self.rank}")
+    _check("lora.alpha", self.alpha >= 0, f"must be >= 0 (0: alpha = rank), got {self.alpha}")
+    _check("lora.dropout", 0 <= self.dropout < 1, f"is a rate in [0, 1), got {self.dropout}")
+    _check("lora.base_dtype", self.base_dtype in lora.BASE_DTYPES,
+           f"{self.base_dtype!r}; valid: {list(lora.BASE_DTYPES)}")
+    _check("lora.targets", bool(self.targets), f"names no layer; groups: {sorted(lora.TARGET_GROUPS)}")
+    try:
+      lora.patterns(self.targets)
+    except ValueError as e:
+      raise ConfigError(f"config.lora.targets: {e}") from None
+
+  @property
+  def scale(self) -> float:
+    return (self.alpha or self.rank) / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """Diffusion-DPO (Wallace et al. 2023; SD3 §5.3) on preference pairs (latent = preferred, latent_rejected):
+  loss = −log σ(−β/2 · [(e_w − e_w^ref) − (e_l − e_l^ref)]) with e the formulation's per-example loss at one
+  shared t and noise, and the reference the frozen initial weights (with LoRA: the model without adapters)."""
+  beta: float = 0.0  # 0: off (ordinary training)
+
+  def __post_init__(self):
+    _check("dpo.beta", self.beta >= 0, f"must be >= 0 (0: off), got {self.beta}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugConfig:
   halt_at_step: int = 0  # checkpoint and exit at this step as if preempted (0: off)
   log_data_order: bool = False  # append each step's example indices to workdir/data_order.jsonl
@@ -236,6 +276,8 @@ class TrainConfig:
   # instead of config.shift for every batch; each bucket's program is compiled once with its α.
   shift_base_resolution: int = 0
   sr: SRConfig = SRConfig()  # a super-resolution stage (factor > 0) of a cascade
+  lora: LoRAConfig = LoRAConfig()  # rank > 0: only LoRA adapters train, the base (config.init) is frozen
+  dpo: DPOConfig = DPOConfig()  # beta > 0: Diffusion-DPO on preference pairs against the frozen initial weights
   source: str = ""  # the ConfigDict as JSON, as given (written to the workdir, compared across hosts)
 
 
@@ -301,7 +343,7 @@ def sharding_rules(rules) -> tuple:
 TOP_LEVEL = ("seed", "total_steps", "formulation", "shift", "model", "data", "optim", "ema_decay",
              "max_nonfinite_steps", "mesh", "sharding_rules", "log_every", "checkpoint_every",
              "keep_checkpoints", "eval_every", "eval_batches", "sample_every", "force_eval", "sample", "eval",
-             "encoders", "debug", "init", "microbatches", "xla_flags", "shift_base_resolution", "sr")
+             "encoders", "debug", "init", "microbatches", "xla_flags", "shift_base_resolution", "sr", "lora", "dpo")
 
 
 def from_config_dict(c) -> TrainConfig:
@@ -341,6 +383,11 @@ def from_config_dict(c) -> TrainConfig:
   _check("model.lowres_channels", not lowres or lowres == model_cfg.in_channels,
          f"{lowres}: the low-res input is the target downsampled, so it has the target's "
          f"{model_cfg.in_channels} channels (model.in_channels)")
+  lora = build(LoRAConfig, c.get("lora"), "lora")
+  dpo = build(DPOConfig, c.get("dpo"), "dpo")
+  for name, value in (("lora.rank", lora.rank), ("dpo.beta", dpo.beta)):
+    _check(name, not value or c.get("init"), f"{value} fine-tunes existing weights: set config.init (run:DIR, "
+           "run-ema:DIR or diffusers:DIR) to the model to adapt")
   if sample_cfg.skip_layers and not c.get("init"):  # (with init, the weights define the model: checked then)
     _check("sample.skip_layers", isinstance(model_cfg, model.MMDiTConfig),
            f"skip-layer guidance is for MM-DiT; config.model is {type(model_cfg).__name__}")
@@ -357,6 +404,7 @@ def from_config_dict(c) -> TrainConfig:
       eval=build(EvalConfig, c.eval, "eval"), encoders=build(EncodersConfig, c.encoders, "encoders"),
       debug=build(DebugConfig, c.debug, "debug"), init=str(c.get("init", "")), microbatches=microbatches,
       xla_flags=str(c.get("xla_flags", "none")), shift_base_resolution=shift_base, sr=sr,
+      lora=lora, dpo=dpo,
       source=json.dumps(_plain(c), sort_keys=True, default=str))
 
 

@@ -215,6 +215,17 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sr.aug_level = 0.1  # the fixed level at sampling and in validation (a cascade stage may override it)
   c.sr.upsample = "bilinear"  # low-res → target size: nearest | bilinear | bicubic
 
+  c.lora = ml_collections.ConfigDict()  # LoRA fine-tuning of config.init's weights (mmdit_jax.model.lora)
+  c.lora.rank = 0  # r > 0: only rank-r adapters train; the base stays frozen, out of optimizer state and checkpoints
+  c.lora.alpha = 0.0  # delta = (alpha / r)·A·B; 0 → alpha = r
+  c.lora.dropout = 0.0  # adapter input features dropped per step (PEFT drops per token)
+  c.lora.targets = ("attn",)  # groups attn | mlp | mod | context_embedder | embedders | all_linear, or regexes
+  c.lora.base_dtype = "float32"  # the frozen base in float32 | bfloat16 | int8
+  c.lora.load = ""  # adapters to start from: a diffusers/PEFT LoRA .safetensors (e.g. one exported here)
+
+  c.dpo = ml_collections.ConfigDict()  # Diffusion-DPO on preference pairs (SD3 §5.3), against config.init's weights
+  c.dpo.beta = 0.0  # β > 0: on (the data needs latent_rejected: precompute with image_rejected, or the pairs demo)
+
   c.debug = ml_collections.ConfigDict()
   c.debug.halt_at_step = 0  # checkpoint and exit at this step as if preempted (0: off; tests, debugging)
   c.debug.log_data_order = False  # append each step's example indices to workdir/data_order.jsonl

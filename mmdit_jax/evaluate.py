@@ -4,6 +4,8 @@ the demo datasets the compositional GenEval-style accuracy, or the class accurac
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,12 +60,54 @@ def validation_loss(cfg: TrainConfig, params, dataset, mesh, level_fn=None) -> d
 
 
 def validation_both(cfg: TrainConfig, state, dataset, mesh, level_fn=None) -> dict:
-  """Validation loss of the EMA and the raw weights: 'val_ema/…' and 'val_raw/…'."""
+  """Validation loss of the EMA and the raw weights: 'val_ema/…' and 'val_raw/…' (of the preferred images
+  on preference pairs); a DPO run adds the held-out implicit reward accuracy and margin ('val_*/dpo_…')."""
+  from mmdit_jax.state import weights
   results = {}
-  for name, params in (("ema", state["ema"]), ("raw", state["params"])):
+  for name, which in (("ema", "ema"), ("raw", "params")):
+    params = weights(cfg, state, which)
     for k, v in validation_loss(cfg, params, dataset, mesh, level_fn).items():
       results[k.replace("val/", f"val_{name}/")] = v
+    if cfg.dpo.beta and "base" in state:
+      for k, v in dpo_validation(cfg, params, state["base"], dataset, mesh).items():
+        results[f"val_{name}/{k}"] = v
   return results
+
+
+@functools.lru_cache(maxsize=8)
+def _dpo_rewards_fn(cfg: TrainConfig):
+  from mmdit_jax.model import lora
+  from mmdit_jax.train_step import dpo_losses, pair_losses
+  levels = flow.validation_timesteps(8)
+
+  def rewards(params, base, batch, batch_index):
+    ref = lora.thaw(base)
+    key = jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index)
+    noise = jax.random.normal(key, batch["latent"].shape)
+
+    def at_level(t_level):
+      t = jnp.full((noise.shape[0],), t_level)
+      e_w, e_l = pair_losses(cfg, params, batch, t, noise)
+      r_w, r_l = pair_losses(cfg, ref, batch, t, noise)
+      return dpo_losses(cfg.dpo.beta, e_w, e_l, r_w, r_l)[1]
+
+    return jax.lax.map(at_level, levels)  # (levels, B)
+
+  return jax.jit(rewards)
+
+
+def dpo_validation(cfg: TrainConfig, params, base, dataset, mesh) -> dict:
+  """Held-out preference pairs: the implicit reward difference r (train_step.dpo_losses) of `params` against
+  the frozen base at the 8 fixed t levels with the validation's fixed noise, over config.eval_batches
+  batches: accuracy (share of pairs × levels with r > 0, ties counted half) and margin (mean r)."""
+  fn = _dpo_rewards_fn(cfg)
+  values = []
+  for i in range(min(cfg.eval_batches, dataset.batches_per_epoch)):
+    batch = dataset.load_batch(i, jax.process_index(), jax.process_count())
+    batch = {k: v for k, v in batch.items() if k not in data.HOST_ONLY}
+    values.append(np.asarray(parallel.to_host(fn(params, base, parallel.to_global(batch, mesh), i))).ravel())
+  r = np.concatenate(values)
+  return {"dpo_accuracy": float(np.mean((r > 0) + 0.5 * (r == 0))), "dpo_margin": float(np.mean(r))}
 
 
 # ── Generation ──
@@ -207,7 +251,7 @@ class SampleEvaluator:
     n = ecfg.num_samples
     rows = _first_rows(val_set, n)
     self.captions = self.labels = None
-    if demo_kind == "text":
+    if demo_kind in ("text", "pairs"):  # (pairs: the DPO demo's captions are the text demo's)
       rng = np.random.default_rng(DEMO_CAPTION_SEED)
       scenes = [demo.random_scene(rng) for _ in range(n)]
       self.captions = [demo.caption(s) for s in scenes]

@@ -16,8 +16,11 @@ def is_demo(cfg: TrainConfig) -> bool:
 
 
 def demo_kind(cfg: TrainConfig) -> str:
-  """The demo for the backbone: captioned scenes for text conditioning, labelled objects for classes."""
-  return "classes" if "label" in cfg.model.cond_features else "text"
+  """The demo for the backbone: captioned scenes for text conditioning (preference pairs of them for DPO),
+  labelled objects for classes."""
+  if "label" in cfg.model.cond_features:
+    return "classes"
+  return "pairs" if cfg.dpo.beta else "text"
 
 
 def pixel_space(cfg: TrainConfig) -> bool:
@@ -82,13 +85,29 @@ def training_set(cfg: TrainConfig, path: str) -> data.Dataset:
   ds = data.Dataset(_pipeline(cfg, path, seed=cfg.seed, label_dropout=cfg.data.label_dropout,
                               text_dropout=(("*", cfg.data.text_dropout),)))
   check_data_fits_model(ds.meta, cfg.model, path)
+  check_pairs(cfg, ds.meta, path)
   return ds
+
+
+def check_pairs(cfg: TrainConfig, meta: data.Metadata, path: str):
+  """DPO (config.dpo.beta > 0) trains on preference pairs: the data must hold latent_rejected like latent."""
+  if not cfg.dpo.beta:
+    return
+  names = [f.name for f in meta.features]
+  if "latent_rejected" not in names:
+    raise ConfigError(f"config.dpo.beta={cfg.dpo.beta}: {path} has no preference pairs (features {names}; DPO needs "
+                      "latent_rejected: precompute a manifest with an image_rejected column, or leave data.path "
+                      "empty for the pairs demo)")
+  if meta.feature("latent_rejected").shape != meta.feature("latent").shape:
+    raise ConfigError(f"{path}: latent_rejected {meta.feature('latent_rejected').shape} and latent "
+                      f"{meta.feature('latent').shape} differ in shape")
 
 
 def evaluation_set(cfg: TrainConfig, path: str) -> data.Dataset:
   """Held-out data in file order, without dropout: validation loss and reference images."""
   ds = data.Dataset(_pipeline(cfg, path, shuffle=False, text_dropout=()))
   check_data_fits_model(ds.meta, cfg.model, path)
+  check_pairs(cfg, ds.meta, path)
   return ds
 
 

@@ -43,6 +43,7 @@ class Item:
   image: object  # absolute path, encoded image bytes, or a (h, w, 3) uint8 array
   caption: str | None
   label: int | None
+  rejected: object = None  # a preference pair's rejected image (config.rejected_key), stored as latent_rejected
 
 
 class TfdsItems:
@@ -78,9 +79,9 @@ class TfdsItems:
     return Item(raw[image_key], caption.decode() if isinstance(caption, bytes) else str(caption), None)
 
 
-def read_manifest(path, image_key="image", caption_key="caption", label_key="") -> list[Item]:
+def read_manifest(path, image_key="image", caption_key="caption", label_key="", rejected_key="") -> list[Item]:
   """Items of a JSONL or CSV manifest (any epath location; images relative to it); errors name the file,
-  the line and what is wrong."""
+  the line and what is wrong. rejected_key: the column of preference pairs' rejected images (Diffusion-DPO)."""
   path = epath.Path(path)
   if not path.is_file():
     raise UserError(f"manifest {path} does not exist (expected a .jsonl or .csv file)")
@@ -102,14 +103,17 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
   text_key = label_key or caption_key
   items, missing = [], []
   for line, row in rows:
-    for key in (image_key, text_key):
+    for key in (image_key, text_key, *([rejected_key] if rejected_key else [])):
       if not isinstance(row, dict) or key not in row:
         raise UserError(f"{path}:{line}: no {key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})")
-    image = path.parent / str(row[image_key])
-    if not user_paths.is_remote(image):
-      image = image.resolve()
-    if not image.is_file():
-      missing.append(str(image))
+    found = []
+    for key in (image_key, *([rejected_key] if rejected_key else [])):
+      image = path.parent / str(row[key])
+      if not user_paths.is_remote(image):
+        image = image.resolve()
+      if not image.is_file():
+        missing.append(str(image))
+      found.append(str(image))
     if label_key:
       try:
         label, caption = int(row[label_key]), None
@@ -119,7 +123,7 @@ def read_manifest(path, image_key="image", caption_key="caption", label_key="") 
         raise UserError(f"{path}:{line}: label {label} is negative")
     else:
       label, caption = None, str(row[caption_key])
-    items.append(Item(str(image), caption, label))
+    items.append(Item(found[0], caption, label, found[1] if rejected_key else None))
   if missing:
     raise UserError(f"{len(missing)} images listed in {path} do not exist, e.g. {missing[:5]}")
   return items
@@ -183,6 +187,8 @@ def _fingerprint(source_id: str, c) -> str:
   fields = ("resolution", "buckets", "t5_tokens", "encoder_dtype", "storage_dtype", "sample_latents", "seed",
             "examples_per_shard", "image_key", "caption_key", "label_key")
   values = {k: c[k] for k in fields}
+  if c.get("rejected_key", ""):  # (a field added later: datasets started before it still resume)
+    values["rejected_key"] = c.rejected_key
   if c.get("pixels", False):  # (a field added later: latent datasets started before it still resume)
     values["pixels"] = True
   h.update(json.dumps(values, default=list, sort_keys=True).encode())
@@ -196,9 +202,11 @@ def _fingerprint(source_id: str, c) -> str:
 def read_source(c):
   """(items, source id): a manifest's Items, or a lazy view of a TFDS split (input "tfds:NAME[:SPLIT]")."""
   if str(c.input).startswith("tfds:"):
+    if c.get("rejected_key", ""):
+      raise UserError(f"config.rejected_key={c.rejected_key!r}: preference pairs come from a manifest, not {c.input}")
     items = TfdsItems(c.input, c.get("tfds_data_dir", ""), c.image_key, c.caption_key, c.label_key)
     return items, items.id
-  items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key)
+  items = read_manifest(c.input, c.image_key, c.caption_key, c.label_key, c.get("rejected_key", ""))
   manifest = epath.Path(c.input)
   if not user_paths.is_remote(manifest):
     manifest = manifest.resolve()
@@ -234,6 +242,15 @@ def _encode_shard(items, start, c, autoencoder, text, dtype):
   """Encoded examples of one shard, in manifest order (autoencoder None, config.pixels: the images themselves)."""
   n = len(items)
   images = [load_image(it.image, c.resolution, c.buckets) for it in items]
+  pairs = items[0].rejected is not None
+  if pairs:  # preference pairs: the rejected images go through the same encoding, after the preferred ones
+    rejected = [load_image(it.rejected, c.resolution, c.buckets) for it in items]
+    bad = [str(it.rejected) for it, a, b in zip(items, images, rejected) if a.shape != b.shape]
+    if bad:
+      raise UserError(f"rejected images crop to another size than their preferred image (another aspect bucket): "
+                      f"{bad[:3]}; a pair's images need the same aspect ratio")
+    images = images + rejected
+    n = len(images)
   latents: list = [img.astype(dtype) for img in images] if autoencoder is None else [None] * n
   by_size: dict = {}
   for i, img in enumerate(images):
@@ -250,7 +267,11 @@ def _encode_shard(items, start, c, autoencoder, text, dtype):
       z = autoencoder.encode(x, noise)
       for j, i in enumerate(batch):
         latents[i] = z[j].astype(dtype)
-  examples = [{"latent": z} for z in latents]
+  examples = [{"latent": z} for z in latents[:len(items)]]
+  if pairs:
+    for ex, z in zip(examples, latents[len(items):]):
+      ex["latent_rejected"] = z
+  n = len(items)
   if text is None:
     for ex, it in zip(examples, items):
       ex["label"] = np.asarray(it.label, np.int32)
@@ -335,7 +356,7 @@ def _features(example, bucketed: bool):
   feats = []
   for name, value in example.items():
     shape = tuple(value.shape)
-    if name == "latent" and bucketed:
+    if name in ("latent", "latent_rejected") and bucketed:
       shape = (None, None, shape[-1])
     feats.append(records.Feature(name, shape, str(value.dtype)))
   return tuple(feats)
@@ -345,6 +366,8 @@ def _finalize(out, c, shards, autoencoder, text, dtype):
   done = [json.loads(_done_path(out, i).read_text()) for i in range(len(shards))]
   shapes = [s for d in done for s in d["shapes"]]
   example = {"latent": np.zeros(shapes[0], dtype)}
+  if c.get("rejected_key", ""):  # preference pairs (Diffusion-DPO)
+    example["latent_rejected"] = example["latent"]
   extras = {"name": out.name, "source": str(c.input), "source_fingerprint": json.loads((out / PLAN).read_text())["fingerprint"],
             "resolution": c.resolution, "buckets": [list(b) for b in c.buckets], "encoder_dtype": c.encoder_dtype}
   if autoencoder is None:  # pixel space: the images in [−1, 1]
@@ -353,6 +376,8 @@ def _finalize(out, c, shards, autoencoder, text, dtype):
     extras.update({"latent_scale": autoencoder.cfg.scaling_factor, "latent_shift": autoencoder.cfg.shift_factor,
                    "latents_normalised": True, "sample_latents": c.sample_latents,
                    "encoders": {"vae": autoencoder.describe()}})
+  if c.get("rejected_key", ""):
+    extras["preference_pairs"] = True
   null = None
   if text is None:
     example["label"] = np.zeros((), np.int32)

@@ -62,6 +62,13 @@ def _from_run(cfg: TrainConfig, kind: str, root: epath.Path):
   rules = cfg.sharding_rules
 
   def load(mesh):
+    if src.lora.rank > 0:  # a LoRA run: its adapters merged into its own base
+      from mmdit_jax.state import restore_for_eval
+      src_cfg = dataclasses.replace(src, model=cfg.model, sharding_rules=rules)
+      state, step = restore_for_eval(src_cfg, root, mesh, resolve(src_cfg)[1])
+      from mmdit_jax.metrics import log
+      log(f"initialised from {root} step {step} (LoRA merged, {'EMA' if kind == 'run-ema' else 'raw'} adapters)")
+      return state["ema" if kind == "run-ema" else "params"]
     tx, _ = make_optimizer(src.optim, src.total_steps)
     ckpt = Checkpointer(root / "checkpoints")
     try:

@@ -303,7 +303,7 @@ def run_eval(cfg: TrainConfig, workdir) -> dict:
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     _, val_path = inputs.dataset_paths(cfg, announce=False)
     val_set = inputs.evaluation_set(cfg, val_path)
-    state, step = restore_for_eval(cfg, workdir, mesh)
+    state, step = restore_for_eval(cfg, workdir, mesh, pretrained.resolve(cfg)[1] if cfg.lora.rank else None)
     out = workdir / "eval"
     results = evaluate.validation_both(cfg, state, val_set, mesh)
     evaluator = evaluate.SampleEvaluator(cfg, val_set, mesh, out, autoencoder_for(cfg, mesh),

@@ -23,7 +23,7 @@ from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.errors import ConfigError, UserError
 from mmdit_jax.metrics import MetricWriter, Progress, log, warn
 from mmdit_jax.parallel.distributed import check_same_everywhere
-from mmdit_jax.state import make_optimizer, restore_or_init
+from mmdit_jax.state import checkpointed, make_optimizer, restore_or_init, weights
 from mmdit_jax.train_step import NUM_T_BINS, bucket_shift, jit_train_step
 
 RESULTS = "results.json"
@@ -136,6 +136,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
     flops_per_step = model.train_flops(cfg.model, h, w, inputs.text_tokens(dataset)) * cfg.data.global_batch_size
     for line in _startup_lines(cfg, mesh, workdir, model.param_count(cfg.model)):
       log(line)
+    if cfg.lora.rank or cfg.dpo.beta:
+      trained = sum(x.size for x in jax.tree.leaves(state["params"]))
+      log(f"fine-tuning {cfg.init}: {trained / 1e6:.3f}M trained parameters"
+          + (f" (LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank:g}, targets "
+             f"{list(cfg.lora.targets)}, base in {cfg.lora.base_dtype})" if cfg.lora.rank else "")
+          + (f" | DPO β={cfg.dpo.beta:g} against the frozen initial weights" if cfg.dpo.beta else ""))
 
     # ── Update step ──
     train_step = jit_train_step(cfg, tx, schedule, jax.tree.map(lambda x: x.sharding, state))
@@ -147,7 +153,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
     def evaluate_now(step):
       results = evaluate.validation_both(cfg, state, val_set, mesh, level_fn)
       writer.write(step, results)
-      log(f"validation at step {step}: EMA loss {results['val_ema/loss']:.4f}, raw {results['val_raw/loss']:.4f}")
+      log(f"validation at step {step}: EMA loss {results['val_ema/loss']:.4f}, raw {results['val_raw/loss']:.4f}"
+          + (f" | held-out DPO reward accuracy EMA {results['val_ema/dpo_accuracy']:.3f}, raw "
+             f"{results['val_raw/dpo_accuracy']:.3f}" if "val_ema/dpo_accuracy" in results else ""))
       return results
 
     def sample_now(step):
@@ -157,7 +165,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
         evaluator = evaluate.SampleEvaluator(
             cfg, val_set, mesh, workdir / "samples", autoencoder_for(cfg, mesh),
             inputs.demo_kind(cfg) if inputs.is_demo(cfg) else None)
-      return evaluator(state["ema"], step, writer)
+      return evaluator(weights(cfg, state, "ema"), step, writer)
 
     # ── Loop ──
     order_log = None
@@ -199,7 +207,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
       if step % cfg.log_every == 0 or step == cfg.total_steps:
         m = jax.device_get(metrics)
         perf = progress.update(step)
-        scalars = {k: m[k] for k in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "skipped")}
+        scalars = {k: m[k] for k in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "skipped",
+                                     "dpo/accuracy", "dpo/margin") if k in m}
         scalars.update({f"loss_t_bin/{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c})
         scalars.update(perf)
         if cfg.shift_base_resolution:  # the timestep shift of this step's aspect bucket
@@ -209,6 +218,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
           summary["skipped_records"] = skipped_records
         writer.write(step, scalars)
         log(progress.line(step, float(m["loss"]), perf) + (f" | skipped {int(m['skipped'])}" if m["skipped"] else "")
+            + (f" | DPO reward accuracy {float(m['dpo/accuracy']):.3f}, margin {float(m['dpo/margin']):.4f}"
+               if "dpo/accuracy" in m else "")
             + (f" | replaced {skipped_records} damaged records" if skipped_records else ""))
         bin_sum[:], bin_count[:] = 0, 0
         summary["loss"] = float(m["loss"])
@@ -218,7 +229,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
         sample_now(step)
       reason = "preemption" if preempted(step) else "halt_at_step" if step == cfg.debug.halt_at_step else None
       if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or reason:
-        ckpt.save(step, state, {"iterator": iterator.get_state()})
+        ckpt.save(step, checkpointed(state), {"iterator": iterator.get_state()})
       if reason:
         ckpt.wait()
         log(f"stopping at step {step} ({reason}); checkpoint saved — run the same command to resume")

@@ -13,6 +13,7 @@ import optax
 
 from mmdit_jax import flow, model, superres
 from mmdit_jax.config import TrainConfig
+from mmdit_jax.model import lora
 from mmdit_jax.model.layers import constrain
 from mmdit_jax.parallel import batch_sharding
 
@@ -48,6 +49,42 @@ def per_example_loss(cfg: TrainConfig, params, batch, t, noise):
   return f.loss(out, x, noise, t)
 
 
+REJECTED = "latent_rejected"  # a preference pair's second image (DPO): "latent" is the preferred one
+
+
+def pair_losses(cfg: TrainConfig, params, batch, t, noise):
+  """(e_w, e_l) (B,) each: the per-example losses of the preferred and the rejected image of each pair at
+  the same t and noise (one forward over both halves)."""
+  if REJECTED not in batch:
+    raise ValueError(f"DPO needs preference pairs: the batch has {sorted(batch)}, not {REJECTED!r} (precompute "
+                     "with an image_rejected column, or the pairs demo)")
+  both = {k: jnp.concatenate([v, v]) for k, v in batch.items() if k not in ("latent", REJECTED)}
+  both["latent"] = jnp.concatenate([batch["latent"], batch[REJECTED]])
+  losses = per_example_loss(cfg, params, both, jnp.concatenate([t, t]), jnp.concatenate([noise, noise]))
+  return jnp.split(losses, 2)
+
+
+def dpo_losses(beta: float, e_w, e_l, ref_w, ref_l):
+  """Diffusion-DPO per pair (Wallace et al. 2023, as diffusers' train_diffusion_dpo computes it): the implicit
+  reward difference r = −β/2 · [(e_w − e_w^ref) − (e_l − e_l^ref)] and the loss −log σ(r)."""
+  inside = -0.5 * beta * ((e_w - ref_w) - (e_l - ref_l))
+  return -jax.nn.log_sigmoid(inside), inside
+
+
+def objective(cfg: TrainConfig, params, base, batch, t, noise, key=None):
+  """(per-example loss (B,), DPO reward difference (B,) or None) of the trained parameters `params`: the
+  model's own, or LoRA adapters merged into the frozen `base`; with config.dpo.beta the DPO loss against
+  the frozen base (the reference)."""
+  weights = params
+  if cfg.lora.rank > 0:
+    weights = lora.merge(lora.thaw(base), params, cfg.lora.scale, dropout=cfg.lora.dropout, key=key)
+  if not cfg.dpo.beta:
+    return per_example_loss(cfg, weights, batch, t, noise), None
+  e_w, e_l = pair_losses(cfg, weights, batch, t, noise)
+  ref_w, ref_l = jax.lax.stop_gradient(pair_losses(cfg, lora.thaw(base), batch, t, noise))
+  return dpo_losses(cfg.dpo.beta, e_w, e_l, ref_w, ref_l)
+
+
 def _microbatched(tree, m: int):
   """(B, …) → (m, B/m, …) with microbatch i = rows i, i + m, i + 2m, …: every microbatch spread over the
   data-parallel devices as the batch is (a contiguous split would put each on a few devices)."""
@@ -62,39 +99,41 @@ def _unmicrobatched(x):
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def loss_and_grads(cfg: TrainConfig, params, batch, key):
-  """(mean loss, (per-example losses, t)), grads over the global batch; with cfg.microbatches = m a scan
-  over m microbatches, summing their gradients: the same update as the whole batch at once (the same t
-  and noise per example), with the activations of B/m examples alive at a time."""
+def loss_and_grads(cfg: TrainConfig, params, batch, key, base=None):
+  """(mean loss, (per-example losses, t, DPO reward differences or None)), grads over the global batch; with
+  cfg.microbatches = m a scan over m microbatches, summing their gradients: the same update as the whole
+  batch at once (the same t and noise per example), with the activations of B/m examples alive at a time.
+  `base`: the frozen weights of a fine-tuning run (LoRA's base, DPO's reference); grads are params' alone."""
   t, noise = draw(cfg, key, batch["latent"].shape)
   if cfg.sr.factor:  # a super-resolution stage: its noise-augmented low-res input, drawn once for the batch
     batch = superres.training_condition(cfg, batch, jax.random.fold_in(key, 1))
   b, m = t.shape[0], cfg.microbatches
+  dropout_key = jax.random.fold_in(key, 2)  # LoRA dropout: one mask per step, the same in every microbatch
 
   def total(params, part, t, noise):
-    losses = per_example_loss(cfg, params, part, t, noise)
-    return jnp.sum(losses) / b, losses
+    losses, reward = objective(cfg, params, base, part, t, noise, dropout_key)
+    return jnp.sum(losses) / b, (losses, jnp.zeros_like(losses) if reward is None else reward)
 
   if m == 1:
-    (loss, losses), grads = jax.value_and_grad(total, has_aux=True)(params, batch, t, noise)
-    return (loss, (losses, t)), grads
+    (loss, (losses, reward)), grads = jax.value_and_grad(total, has_aux=True)(params, batch, t, noise)
+  else:
+    def body(acc, xs):
+      part, t_i, noise_i = xs
+      (loss_i, aux_i), grads_i = jax.value_and_grad(total, has_aux=True)(params, part, t_i, noise_i)
+      loss, grads = acc
+      return (loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)), aux_i
 
-  def body(acc, xs):
-    part, t_i, noise_i = xs
-    (loss_i, losses_i), grads_i = jax.value_and_grad(total, has_aux=True)(params, part, t_i, noise_i)
-    loss, grads = acc
-    return (loss + loss_i, jax.tree.map(jnp.add, grads, grads_i)), losses_i
-
-  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), losses = jax.lax.scan(body, zero, _microbatched((batch, t, noise), m))
-  return (loss, (_unmicrobatched(losses), t)), grads
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), (losses, reward) = jax.lax.scan(body, zero, _microbatched((batch, t, noise), m))
+    losses, reward = _unmicrobatched(losses), _unmicrobatched(reward)
+  return (loss, (losses, t, reward if cfg.dpo.beta else None)), grads
 
 
 def make_train_step(cfg: TrainConfig, tx, schedule):
   def train_step(state, batch):
     step = state["step"]
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    (loss, (losses, t)), grads = loss_and_grads(cfg, state["params"], batch, key)
+    (loss, (losses, t, reward)), grads = loss_and_grads(cfg, state["params"], batch, key, state.get("base"))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -107,6 +146,8 @@ def make_train_step(cfg: TrainConfig, tx, schedule):
         "step": step + 1, "params": params, "opt_state": keep(opt_state, state["opt_state"]), "ema": ema,
         "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
         "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+    if "base" in state:  # the frozen weights (fine-tuning) pass through unchanged
+      new_state["base"] = state["base"]
     bins = jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1)
     metrics = {
         "loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
@@ -115,6 +156,9 @@ def make_train_step(cfg: TrainConfig, tx, schedule):
         "skipped": new_state["skipped"],
         "loss_bin_sum": jax.ops.segment_sum(jnp.where(finite, losses, 0.0), bins, NUM_T_BINS),
         "loss_bin_count": jax.ops.segment_sum(jnp.ones_like(losses), bins, NUM_T_BINS)}
+    if reward is not None:  # DPO: implicit reward accuracy (the preferred image's reward is higher) and margin
+      metrics["dpo/accuracy"] = jnp.mean((reward > 0).astype(jnp.float32))
+      metrics["dpo/margin"] = jnp.mean(reward)
     return new_state, metrics
 
   return train_step
@@ -134,5 +178,7 @@ def batch_spec(cfg: TrainConfig, mesh, latent_shape, text_tokens: int, dtype=jnp
   m = cfg.model
   shapes = {"latent": ((b, *latent_shape), dtype), "context": ((b, text_tokens, getattr(m, "context_dim", 0)), dtype),
             "pooled": ((b, getattr(m, "pooled_dim", 0)), dtype), "label": ((b,), jnp.int32)}
+  if cfg.dpo.beta:  # preference pairs: the rejected image beside the preferred one
+    shapes[REJECTED] = shapes["latent"]
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items() if k == "latent" or k in m.cond_features}
+          for k, (shape, dtype) in shapes.items() if k in ("latent", REJECTED) or k in m.cond_features}

@@ -107,6 +107,33 @@ def test_pixel_space_dataset(folder, sd3_root, tmp_path):
   assert inputs.with_latent_downsample(c).data.latent_downsample == 1
 
 
+def test_preference_pairs(folder, sd3_root, tmp_path):
+  """config.rejected_key: a manifest of (caption, preferred, rejected) → latent and latent_rejected, the pair's
+  images through the same encoder; what DPO training reads."""
+  rng = np.random.default_rng(5)
+  lines = []
+  for i, line in enumerate((folder / "captions.jsonl").read_text().splitlines()):
+    row = json.loads(line)
+    bad = demo.rejected_scene(demo.parse_caption(row["caption"]), rng)
+    Image.fromarray(((demo.render(bad) + 1) * 127.5).astype(np.uint8)).save(tmp_path / f"bad{i:03d}.png")
+    row.update(image=str(folder / row["image"]), image_rejected=str(tmp_path / f"bad{i:03d}.png"))
+    lines.append(json.dumps(row))
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  c = _pc(folder, tmp_path / "pairs", sd3_root, pixels=True, rejected_key="image_rejected")
+  c.input = str(tmp_path / "pairs.jsonl")
+  meta = precompute.run(c)
+  assert meta.extras["preference_pairs"] is True
+  assert meta.feature("latent_rejected").shape == meta.feature("latent").shape == (32, 32, 3)
+  rows = data.Dataset(data.PipelineConfig(str(tmp_path / "pairs"), 8, shuffle=False, text_dropout=())).load_batch(0, 0, 1)
+  good = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png"), np.float32) / 127.5 - 1 for i in range(8)])
+  bad = np.stack([np.asarray(Image.open(tmp_path / f"bad{i:03d}.png"), np.float32) / 127.5 - 1 for i in range(8)])
+  np.testing.assert_allclose(rows["latent"], good, atol=1e-3)
+  np.testing.assert_allclose(rows["latent_rejected"], bad, atol=1e-3)
+  (tmp_path / "broken.jsonl").write_text(json.dumps({"image": "000.png", "caption": "a red circle at the top left"}) + "\n")
+  with pytest.raises(errors.UserError, match="no .image_rejected. field"):
+    precompute.read_manifest(tmp_path / "broken.jsonl", rejected_key="image_rejected")
+
+
 def test_buckets_and_labels(tmp_path, sd3_root):
   """Class-conditional data (a CSV of labels) in aspect-ratio buckets."""
   rows = ["image,label"]

@@ -205,7 +205,66 @@ def write_demo_classes(path, num_examples: int, seed: int, examples_per_shard: i
   return records.load_metadata(path)
 
 
-DEMO_KINDS = {"text": ("demo_shapes", write_demo), "classes": ("demo_classes", write_demo_classes)}
+FLAWS = ("colour", "shape", "position", "count")  # what a rejected demo scene gets wrong
+
+
+def rejected_scene(objects, rng, flaws=FLAWS):
+  """The scene with one flaw drawn from `flaws`: one object's colour or shape changed, one object moved to an
+  empty quadrant, or one object left out (count) — an image that no longer satisfies the caption of `objects`."""
+  bad = [f for f in flaws if f not in FLAWS]
+  if bad or not flaws:
+    raise ValueError(f"demo flaws {list(flaws)}; valid: {list(FLAWS)}")
+  objects = [tuple(o) for o in objects]
+  i = int(rng.integers(len(objects)))
+  kind = flaws[int(rng.integers(len(flaws)))]
+  if kind == "count":
+    return objects[:i] + objects[i + 1:]
+  colour, shape, pos = objects[i]
+  if kind == "colour":
+    colour = str(rng.choice([c for c in COLOURS if c != colour]))
+  elif kind == "shape":
+    shape = str(rng.choice([s for s in SHAPES if s != shape]))
+  else:
+    taken = {p for _, _, p in objects}
+    pos = str(rng.choice([p for p in POSITIONS if p not in taken]))
+  objects[i] = (colour, shape, pos)
+  return objects
+
+
+def pair_features(size: int = SIZE):
+  return (*features(size), records.Feature("latent_rejected", (size, size, 3), "float16"))
+
+
+def write_demo_pairs(path, num_examples: int, seed: int, examples_per_shard: int = 1024, size: int = SIZE,
+                     flaws=FLAWS):
+  """Preference pairs for Diffusion-DPO: per caption the scene it describes ("latent", preferred) and the same
+  scene with one flaw of `flaws` ("latent_rejected", rejected_scene), rendered with the same jitter."""
+  rng = np.random.default_rng(seed)
+  encoder = DemoTextEncoder()
+  null_context, null_pooled = encoder("")
+  extras = {"name": f"demo_pairs-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
+            "seed": seed, "preference_pairs": True, "flaws": list(flaws),
+            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"}, "text_encoders": TEXT_ENCODERS}
+  with DatasetWriter(path, pair_features(size), extras, examples_per_shard=examples_per_shard,
+                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
+                     keep_existing=True) as w:
+    for _ in range(num_examples):
+      objects = random_scene(rng)
+      bad = rejected_scene(objects, rng, flaws)
+      context, pooled = encoder(caption(objects))
+      state = rng.bit_generator.state  # the same jitter draws for both images
+      good_img = render(objects, rng, size)
+      after = rng.bit_generator.state
+      rng.bit_generator.state = state
+      bad_img = render(bad, rng, size)
+      rng.bit_generator.state = after  # (the stream continues as after the preferred image)
+      w.write({"latent": good_img.astype(np.float16), "context": context, "pooled": pooled,
+               "latent_rejected": bad_img.astype(np.float16)})
+  return records.load_metadata(path)
+
+
+DEMO_KINDS = {"text": ("demo_shapes", write_demo), "classes": ("demo_classes", write_demo_classes),
+              "pairs": ("demo_pairs", write_demo_pairs)}
 
 
 def default_cache_dir() -> epath.Path:
@@ -216,8 +275,8 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
                 kind: str = "text", size: int = SIZE) -> str:
   """Path of a demo dataset split ('train' or 'validation'), writing it on first use.
 
-  kind: 'text' (two-object scenes with captions, for MM-DiT) or 'classes' (one object, labelled by
-  colour × shape, for class-conditional DiT). size: the images' side (text scenes; 64 for the cascade demo's
+  kind: 'text' (two-object scenes with captions, for MM-DiT), 'classes' (one object, labelled by
+  colour × shape, for class-conditional DiT) or 'pairs' (captions with a preferred and a rejected scene, DPO). size: the images' side (text scenes; 64 for the cascade demo's
   super-resolution stage — the same scenes as at 32).
   """
   sizes = {"train": 8192, "validation": 512}
@@ -227,7 +286,7 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
     raise ValueError(f"unknown demo kind {kind!r}; valid: {sorted(DEMO_KINDS)}")
   n = num_examples or sizes[split]
   split_seed = seed * 2 + (split == "validation")  # disjoint streams for the two splits
-  if size != SIZE and kind != "text":
+  if size != SIZE and kind == "classes":
     raise ValueError(f"demo size {size}: only the text scenes render at sizes other than {SIZE}")
   if size < 8 or size % 8:
     raise ValueError(f"demo size {size} must be a multiple of 8")

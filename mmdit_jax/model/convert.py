@@ -315,3 +315,127 @@ def to_diffusers(cfg: MMDiTConfig, params) -> tuple[dict, dict]:
       "pooled_projection_dim": cfg.pooled_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
       "dual_attention_layers": list(cfg.dual_attention_layers), "qk_norm": "rms_norm" if cfg.qk_norm else None}
   return tensors, config
+
+
+# ── LoRA adapters ↔ diffusers / PEFT LoRA files (SD3Transformer2DModel.load_lora_adapter's layout) ──
+
+PEFT_PREFIX = "transformer."
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry: the adapter's LoraConfig
+
+
+def linear_names(cfg: MMDiTConfig) -> dict:
+  """{our module path (strings): [(layer index in its stack or None, diffusers Linear name)]} of every linear
+  layer diffusers' SD3Transformer2DModel has (the import's name maps)."""
+  out = {}
+  for ours, theirs in _TOP_LINEARS.items():
+    out[tuple(str(k) for k in ours)] = [(None, theirs)]
+
+  def block(prefix, layer, index):
+    for ours, theirs in _STREAM_LINEARS.items():
+      out.setdefault(prefix + tuple(str(k) for k in ours), []).append((index, f"transformer_blocks.{layer}.{theirs}"))
+
+  for s, (first, n, _) in enumerate(cfg.stages()):
+    for j in range(n):
+      block(("stages", str(s), "layers"), first + j, j)
+  block(("final_block",), cfg.depth - 1, None)
+  return out
+
+
+def lora_to_peft(cfg: MMDiTConfig, adapters, scale: float) -> tuple[dict, dict]:
+  """(tensors, metadata) of a diffusers LoRA file: `transformer.<Linear>.lora_A.weight` (r, in) = Aᵀ and
+  `….lora_B.weight` (out, r) = (scale·B)ᵀ, so the file's own scale is 1 (lora_alpha = r, as the metadata says):
+  `SD3Transformer2DModel.load_lora_adapter(tensors)` and `pipe.load_lora_weights(dir)` reproduce our delta."""
+  import json
+  from mmdit_jax.model import lora
+  if cfg.text_streams:
+    raise ConversionError(f"text_streams={cfg.text_streams}: diffusers' SD3Transformer2DModel has one text stream")
+  names = linear_names(cfg)
+  flat_adapters = lora.flat(adapters)
+  unknown = sorted("/".join(p) for p in flat_adapters if p not in names)
+  if unknown:
+    raise ConversionError(f"adapters on {unknown[:6]} have no diffusers Linear to map to")
+  tensors, targets = {}, set()
+  for path, ab in flat_adapters.items():
+    a, b = np.asarray(ab["lora_a"], np.float32), np.asarray(ab["lora_b"], np.float32) * scale
+    for index, theirs in names[path]:
+      pick = (lambda x: x[index]) if index is not None else (lambda x: x)
+      tensors[f"{PEFT_PREFIX}{theirs}.lora_A.weight"] = np.ascontiguousarray(pick(a).T)
+      tensors[f"{PEFT_PREFIX}{theirs}.lora_B.weight"] = np.ascontiguousarray(pick(b).T)
+      targets.add(theirs)
+  rank = lora.rank_of(adapters)
+  config = {"r": rank, "lora_alpha": rank, "target_modules": sorted(targets), "init_lora_weights": True,
+            "lora_dropout": 0.0, "bias": "none"}
+  return tensors, {"format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+
+
+def lora_from_peft(cfg: MMDiTConfig, tensors, lora_cfg, metadata: dict | None = None) -> dict:
+  """Adapters (our nested layout, float32 numpy) from a diffusers / PEFT LoRA file's tensors, with the delta
+  the file means (its lora_alpha / r from the metadata, else 1) at our scale lora_cfg.alpha / rank. Layers of a
+  stack the file leaves out get zero adapters; names that are no Linear of this model, a rank other than
+  lora_cfg.rank, or shapes other than the model's are errors naming them."""
+  import json
+  from mmdit_jax.model import lora
+  file_scale = 1.0
+  if metadata and LORA_METADATA_KEY in metadata:
+    meta = json.loads(metadata[LORA_METADATA_KEY])
+    file_scale = float(meta.get("lora_alpha", meta.get("r", 1))) / float(meta.get("r", 1))
+  names = linear_names(cfg)
+  where = {theirs: (path, index) for path, entries in names.items() for index, theirs in entries}
+  pairs, bad = {}, []
+  for key in tensors:
+    name = key
+    for prefix in (PEFT_PREFIX, "base_model.model."):
+      name = name[len(prefix):] if name.startswith(prefix) else name
+    m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+    if not m or m.group(1) not in where:
+      bad.append(key)
+      continue
+    pairs.setdefault(m.group(1), {})[m.group(2)] = np.asarray(tensors[key], np.float32)
+  if bad:
+    raise ConversionError(f"not LoRA weights of this MM-DiT's linear layers: {sorted(bad)[:6]} (expected "
+                          f"'{PEFT_PREFIX}transformer_blocks.0.attn.to_q.lora_A.weight' and the like)")
+  if not pairs:
+    raise ConversionError("the file holds no LoRA weights")
+  shapes = {p: s for p, s in lora.targeted(_abstract_kernels(cfg), ("all_linear",)).items()}
+  out = {}
+  for theirs, ab in sorted(pairs.items()):
+    if set(ab) != {"A", "B"}:
+      raise ConversionError(f"{theirs}: lora_A and lora_B come in pairs; the file has only lora_{''.join(ab)}")
+    path, index = where[theirs]
+    a, b = ab["A"].T, ab["B"].T * (file_scale / lora_cfg.scale)
+    *lead, d_in, d_out = shapes[path]
+    if a.shape[-1] != lora_cfg.rank or b.shape[0] != lora_cfg.rank:
+      raise ConversionError(f"{theirs}: rank {a.shape[-1]} in the file, config.lora.rank={lora_cfg.rank}")
+    if a.shape[0] != d_in or b.shape[1] != d_out:
+      raise ConversionError(f"{theirs}: A {a.shape} / B {b.shape} do not fit the layer ({d_in} → {d_out})")
+    entry = out.setdefault(path, {"lora_a": np.zeros((*lead, d_in, lora_cfg.rank), np.float32),
+                                  "lora_b": np.zeros((*lead, lora_cfg.rank, d_out), np.float32)})
+    sel = (index,) if index is not None else ()
+    entry["lora_a"][sel] = a
+    entry["lora_b"][sel] = b
+  return lora.unflat(out)
+
+
+def _abstract_kernels(cfg: MMDiTConfig):
+  from mmdit_jax.model import api
+  return api.abstract_params(cfg)
+
+
+def read_peft(cfg: MMDiTConfig, path, lora_cfg) -> dict:
+  """lora_from_peft of a LoRA .safetensors file, or of the pytorch_lora_weights.safetensors in a directory."""
+  from etils import epath
+  from safetensors import safe_open
+  from mmdit_jax import paths
+  path = epath.Path(path)
+  if path.is_dir():
+    path = path / PEFT_WEIGHTS
+  if not path.is_file():
+    raise ConversionError(f"no LoRA file at {path} (a .safetensors file, or a directory with {PEFT_WEIGHTS})")
+  local = paths.local_copy(path, paths.cache_dir())
+  with safe_open(str(local), framework="numpy") as f:
+    metadata = f.metadata() or {}
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  return lora_from_peft(cfg, tensors, lora_cfg, metadata)
+
+
+PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name (pipe.load_lora_weights(dir) finds it)

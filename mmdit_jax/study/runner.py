@@ -113,6 +113,9 @@ def train_config_dict(c, run: Run) -> ml_collections.ConfigDict:
   """The run's training config: the study's base config with the run's formulation and seed, validated
   and checkpointed together (so the step of lowest EMA validation loss has a checkpoint), all kept."""
   t = copy.deepcopy(c.train)
+  if t.get("lora", {}).get("rank", 0) or t.get("dpo", {}).get("beta", 0):
+    raise UserError("config.train.lora / config.train.dpo: the study trains each formulation from scratch; "
+                    "fine-tuning runs (LoRA, DPO) are not study runs")
   t.formulation = run.formulation
   t.seed = run.seed
   t.total_steps = int(c.steps)
