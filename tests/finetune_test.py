@@ -10,7 +10,7 @@ import pytest
 from etils import epath
 
 from mmdit_jax import config as config_lib
-from mmdit_jax import model, train
+from mmdit_jax import model, pretrained, train
 from mmdit_jax.data import demo
 from mmdit_jax.errors import ConfigError
 from mmdit_jax.model import convert, lora
@@ -224,7 +224,7 @@ def test_adapters_shard_like_their_kernels_and_train_on_a_mesh(straight, tmp_pat
   axis takes W's other axis), and a LoRA + DPO step with scanned layers and microbatches runs there."""
   from flax import nnx
 
-  from mmdit_jax import data, inputs, parallel, pretrained
+  from mmdit_jax import data, inputs, parallel
   from mmdit_jax.checkpoint import Checkpointer
   from mmdit_jax.state import make_optimizer, restore_or_init
   from mmdit_jax.train_step import jit_train_step
@@ -253,3 +253,36 @@ def test_adapters_shard_like_their_kernels_and_train_on_a_mesh(straight, tmp_pat
     assert helpers.tree_equal(jax.device_get(new[FROZEN]), base_before)  # the base passes through untouched
     assert not helpers.tree_equal(jax.device_get(new["params"]), jax.device_get(
         jax.tree.map(jnp.zeros_like, new["params"])))
+
+
+def test_lora_presets():
+  from configs import lora as lora_presets
+  for target, batch in (("v5e-8", 8), ("v5p-8", 16), ("gpu", 4)):
+    cfg = config_lib.from_config_dict(lora_presets.get_config(f"target={target},dpo=5000"))
+    assert cfg.lora.rank == 128 and cfg.lora.targets == ("all_linear",) and cfg.lora.base_dtype == "bfloat16"
+    assert cfg.model.depth == 24 and not cfg.model.qk_norm and cfg.data.global_batch_size == batch  # SD3-Medium
+    assert cfg.init.startswith("diffusers:") and cfg.dpo.beta == 5000 and cfg.formulation.shift == 3.0
+  tiny = config_lib.from_config_dict(lora_presets.get_config("base=run-ema:/some/run,target=tiny"))
+  assert tiny.init == "run-ema:/some/run" and tiny.lora.rank == 16 and tiny.dpo.beta == 0
+  with pytest.raises(ConfigError, match="target=tiny adapts a run"):
+    lora_presets.get_config("target=tiny")
+  with pytest.raises(ConfigError, match="unknown target"):
+    lora_presets.get_config("target=v4-8")
+
+
+def test_export_adapters_and_merged_and_load_them_back(lora_run, tmp_path):
+  from mmdit_jax import export, parallel
+  _, workdir, cfg = lora_run
+  out = export.export(workdir, tmp_path / "adapter")
+  assert (out / convert.PEFT_WEIGHTS).is_file()
+  back = convert.read_peft(cfg.model, out, cfg.lora)  # (config.lora.load reads the same way)
+  restored, _ = restore_for_eval(cfg, epath.Path(workdir), parallel.make_mesh((-1, 1, 1, 1)),
+                                 pretrained.resolve(cfg)[1])
+  for path, ab in lora.flat(restored["adapters_ema"]).items():
+    np.testing.assert_allclose(lora.flat(back)[path]["lora_a"], ab["lora_a"], rtol=1e-6)
+    np.testing.assert_allclose(lora.flat(back)[path]["lora_b"], ab["lora_b"], rtol=1e-5, atol=1e-8)
+  merged_dir = export.export(workdir, tmp_path / "merged", lora="merged")
+  _, params = model.from_diffusers(merged_dir)
+  want = dict(jax.tree_util.tree_flatten_with_path(restored["ema"])[0])
+  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    np.testing.assert_allclose(np.asarray(x), np.asarray(want[p]), rtol=1e-6, atol=1e-7)
