@@ -12,6 +12,8 @@ alone. "base" is never checkpointed (`checkpointed(state)`): it is read again fr
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -100,6 +102,7 @@ def weights(cfg: TrainConfig, state, which: str = "ema"):
   return _merge_fn(cfg)(state[FROZEN], state[which])
 
 
+@functools.lru_cache(maxsize=8)
 def _merge_fn(cfg):
   return jax.jit(lambda base, adapters: merged(cfg, base, adapters))
 
@@ -113,7 +116,7 @@ def state_shardings(model_cfg, tx, mesh, rules, lora=None):
   """
   abstract = abstract_state(model_cfg, tx, lora)
   param_sh = model.param_shardings(model_cfg, mesh, rules)
-  if _adapting(lora):  # the adapters: A split like its kernel's input axis, B like its output axis
+  if _adapting(lora):  # the adapters: A and B split over the axes of their kernel (lora.shardings)
     param_sh = lora_lib.shardings(abstract["params"], param_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params_def = jax.tree.structure(abstract["params"])

@@ -286,3 +286,21 @@ def test_export_adapters_and_merged_and_load_them_back(lora_run, tmp_path):
   want = dict(jax.tree_util.tree_flatten_with_path(restored["ema"])[0])
   for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     np.testing.assert_allclose(np.asarray(x), np.asarray(want[p]), rtol=1e-6, atol=1e-7)
+
+
+def test_lora_on_dit():
+  """DiT's linear layers take adapters by the same groups; the merged model runs and moves with B."""
+  from configs import dit
+  cfg = config_lib.from_config_dict(helpers.set_fields(dit.get_config("variant=S/8"), {
+      "model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2, "model.input_size": 16}))
+  params = model.init(cfg.model, jax.random.key(0))  # (adaLN-Zero: moved off zero so the output is not 0)
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), params)
+  adapters = lora.init(model.abstract_params(cfg.model), ("attn", "mlp"), 2, jax.random.key(1))
+  assert {"/".join(p) for p in lora.flat(adapters)} == {f"blocks/layers/{m}" for m in
+                                                          ("attn/q", "attn/k", "attn/v", "attn/out", "mlp/fc1", "mlp/fc2")}
+  z = jax.random.normal(jax.random.key(2), (2, 16, 16, cfg.model.in_channels))
+  t, cond = jnp.array([0.3, 0.7]), {"label": jnp.array([1, 2])}
+  run = jax.jit(lambda p: model.forward(cfg.model, p, z, t, cond))
+  np.testing.assert_array_equal(run(lora.merge(params, adapters, 1.0)), run(params))  # B = 0: the base model
+  moved = jax.tree.map(lambda x: x + 0.1, adapters)
+  assert float(jnp.max(jnp.abs(run(lora.merge(params, moved, 1.0)) - run(params)))) > 1e-4
