@@ -51,7 +51,8 @@ def test_only_adapters_train_and_are_checkpointed(lora_run):
   b = lora.flat(state["params"])[("stages", "0", "layers", "img", "attn", "q")]["lora_b"]
   assert np.abs(np.asarray(b)).max() > 0  # B moved off zero: the adapters trained
   # The model it runs with is the base plus the delta; the base weights are bit-identical to the source's.
-  restored, _ = restore_for_eval(cfg, epath.Path(workdir), helpers.parallel.make_mesh((-1, 1, 1, 1)))
+  restored, _ = restore_for_eval(cfg, epath.Path(workdir), helpers.parallel.make_mesh((-1, 1, 1, 1)),
+                                 pretrained.resolve(cfg)[1])
   merged_raw = restored["params"]
   for path, ab in lora.flat(state["params"]).items():
     w0 = _kernel(base, path)
@@ -257,7 +258,7 @@ def test_adapters_shard_like_their_kernels_and_train_on_a_mesh(straight, tmp_pat
 
 def test_lora_presets():
   from configs import lora as lora_presets
-  for target, batch in (("v5e-8", 8), ("v5p-8", 16), ("gpu", 4)):
+  for target, batch in (("v5e-8", 8), ("v5p-8", 32), ("gpu", 4)):
     cfg = config_lib.from_config_dict(lora_presets.get_config(f"target={target},dpo=5000"))
     assert cfg.lora.rank == 128 and cfg.lora.targets == ("all_linear",) and cfg.lora.base_dtype == "bfloat16"
     assert cfg.model.depth == 24 and not cfg.model.qk_norm and cfg.data.global_batch_size == batch  # SD3-Medium
