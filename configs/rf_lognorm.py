@@ -27,6 +27,11 @@ Launch commands:
   # --config.buckets) with the timestep shift of each bucket:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=2b,stage=hires,base_run=gs://bucket/runs/sd3_2b,data=gs://bucket/latents1024 \
       --workdir=gs://bucket/runs/sd3_2b_hires
+  # The same on the demo (docs/hires_demo.md): a 32² run, then three aspect buckets of about 48²
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=demo,steps=1500 --config.model.pos_embed_max_size=16 \
+      --workdir=/tmp/hires_base
+  python -m mmdit_jax.main --config=configs/rf_lognorm.py:size=demo,stage=hires,base_run=/tmp/hires_base,steps=600 \
+      --workdir=/tmp/hires
   # Another formulation of the paper's study, another mesh:
   python -m mmdit_jax.main --config=configs/rf_lognorm.py --config.formulation="eps/linear" \
       --config.mesh.ici.data=2 --config.mesh.ici.fsdp=-1 --workdir=…
@@ -101,9 +106,17 @@ def get_config(arg=None):
     if not args.base_run:
       raise defaults.ConfigError("stage=hires starts from a 256² run: give base_run=WORKDIR (its newest weights)")
     c.init = f"run:{args.base_run}"
-    c.data.resolution = args.res or 1024
     c.shift = 1.0
-    c.shift_base_resolution = 256
+    if "demo_examples" in p and not args.data:
+      # The demo's version: from a 32² demo run, scenes in three aspect buckets of about 48² (48², 32×64, 64×32),
+      # α from each bucket's pixels against 32². The 64-pixel sides need 16 patches of 4 in the position grid:
+      # train the base with --config.model.pos_embed_max_size=16 too (the grid is centre-cropped, as SD3's).
+      c.data.demo_buckets = ((48, 48), (32, 64), (64, 32))
+      c.model.pos_embed_max_size = 16
+      c.shift_base_resolution = 32
+    else:
+      c.data.resolution = args.res or 1024
+      c.shift_base_resolution = 256
   if args.sampling:
     defaults.reference_sampling(c, args.sampling)
   return c

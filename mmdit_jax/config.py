@@ -50,6 +50,7 @@ class DataConfig:
   val_path: str = ""
   demo_examples: int = 8192
   demo_size: int = 32  # the demo images' side (64: the cascade demo's super-resolution stage, the same scenes)
+  demo_buckets: tuple[tuple[int, int], ...] = ()  # ((h, w), …): demo scenes in these aspect buckets (hi-res stage)
   global_batch_size: int = 256
   text_dropout: float = 0.463
   label_dropout: float = 0.1
@@ -71,6 +72,8 @@ class DataConfig:
     _check("data.num_threads", self.num_threads >= 1, f"must be >= 1, got {self.num_threads}")
     _check("data.demo_size", self.demo_size >= 8 and self.demo_size % 8 == 0,
            f"must be a multiple of 8 (32: the demo's own size), got {self.demo_size}")
+    bad = [b for b in self.demo_buckets if len(b) != 2 or min(b) < 8 or b[0] % 8 or b[1] % 8]
+    _check("data.demo_buckets", not bad, f"{bad}: (height, width) pairs of multiples of 8, e.g. ((48, 48), (32, 64))")
     _check("data.on_corrupt", self.on_corrupt in ("fail", "skip"), f"{self.on_corrupt!r}; valid: ['fail', 'skip']")
 
 

@@ -137,6 +137,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.data.val_path = ""  # held-out split for validation loss; "" → the demo validation split, or data.path
   c.data.demo_examples = 8192  # size of the demo training split (when data.path is empty)
   c.data.demo_size = 32  # the demo images' side (64: the same scenes for the cascade demo's super-resolution stage)
+  c.data.demo_buckets = ()  # ((h, w), …): the demo's scenes in aspect-ratio buckets (configs/rf_lognorm.py stage=hires)
   c.data.global_batch_size = 256
   c.data.on_corrupt = "fail"  # a damaged record: fail naming it and the verifier, or skip (replaced, counted)
   c.data.text_dropout = SD3_TEXT_DROPOUT  # per text encoder, independently (SD3: 46.3 % → ≈10 % fully unconditional)

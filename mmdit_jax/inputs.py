@@ -48,9 +48,9 @@ def dataset_paths(cfg: TrainConfig, *, announce: bool = True) -> tuple[str, str]
   kind = demo_kind(cfg)
   if announce:
     log(f"config.data.path is empty: using the embedded demo dataset ({kind}; written on first use)")
-  size = cfg.data.demo_size
-  train = demo.ensure_demo("train", cfg.data.demo_examples, kind=kind, size=size)
-  return train, cfg.data.val_path or demo.ensure_demo("validation", kind=kind, size=size)
+  size, buckets = cfg.data.demo_size, cfg.data.demo_buckets
+  train = demo.ensure_demo("train", cfg.data.demo_examples, kind=kind, size=size, buckets=buckets)
+  return train, cfg.data.val_path or demo.ensure_demo("validation", kind=kind, size=size, buckets=buckets)
 
 
 def check_data_fits_model(meta: data.Metadata, model_cfg, path: str):

@@ -287,6 +287,28 @@ def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path, ca
   assert logged == {s + 1: bucket_shift(cfg, shapes[s]) for s in range(6)}
 
 
+def test_demo_aspect_buckets_and_the_hires_demo_preset(tmp_path):
+  """The demo's scenes in aspect buckets (SD3's hi-res stage on the demo): mixed shapes in one dataset, each
+  scene the checker reads right at its bucket's size; stage=hires on the demo sets the buckets, the grid and α."""
+  from configs import rf_lognorm
+  from mmdit_jax import config as config_lib
+  from mmdit_jax.data import demo
+  from mmdit_jax.errors import ConfigError
+  buckets = ((48, 48), (32, 64), (64, 32))
+  path = demo.ensure_demo("validation", 48, kind="text", buckets=buckets, root=tmp_path)
+  ds = data.Dataset(data.PipelineConfig(path, 8, shuffle=False, text_dropout=()))
+  assert sorted(map(tuple, ds.bucket_shapes[:, :2].tolist())) == sorted(buckets)
+  rng = np.random.default_rng(0)
+  for hw in buckets:
+    scene = demo.random_scene(rng)
+    image = demo.render(scene, rng, hw)
+    assert image.shape == (*hw, 3) and demo.check(image, demo.caption(scene))["all"] == 1.0
+  c = config_lib.from_config_dict(rf_lognorm.get_config(f"size=demo,stage=hires,base_run={tmp_path}"))
+  assert c.data.demo_buckets == buckets and c.shift_base_resolution == 32 and c.model.pos_embed_max_size == 16
+  with pytest.raises(ConfigError, match="demo_buckets"):
+    config(**{"data.demo_buckets": ((48, 44),)})
+
+
 def test_a_run_starts_from_another_runs_weights(tmp_path):
   """config.init=run:DIR / run-ema:DIR: the new run's step-0 parameters (and EMA) are the source run's newest
   parameters or EMA weights, on another mesh, with a fresh optimizer; another model or a non-workdir is named;

@@ -53,11 +53,18 @@ def parse_caption(text: str):
   return objects
 
 
+def _hw(size) -> tuple[int, int]:
+  """(height, width) of a demo image size: one side (square) or (h, w) (an aspect-ratio bucket)."""
+  h, w = (size, size) if np.isscalar(size) else size
+  return int(h), int(w)
+
+
 def _shape_mask(shape, size, dy, dx, side=SIZE):
-  """Boolean (side/2, side/2) mask of a shape centred in a quadrant of a side × side image, offset by (dy, dx)."""
-  q = side // 2
-  y, x = np.mgrid[0:q, 0:q] + 0.5
-  cy, cx, r = q / 2 + dy, q / 2 + dx, size / 2
+  """Boolean (h/2, w/2) mask of a shape centred in a quadrant of an image of side `side` (or (h, w)), offset
+  by (dy, dx)."""
+  qh, qw = (s // 2 for s in _hw(side))
+  y, x = np.mgrid[0:qh, 0:qw] + 0.5
+  cy, cx, r = qh / 2 + dy, qw / 2 + dx, size / 2
   if shape == "square":
     return (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
   if shape == "circle":
@@ -67,17 +74,19 @@ def _shape_mask(shape, size, dy, dx, side=SIZE):
   return (rel >= 0) & (rel <= 1) & (np.abs(x - cx) <= rel * r)
 
 
-def render(objects, rng=None, size: int = SIZE) -> np.ndarray:
-  """(size, size, 3) float32 image in [−1, 1]; `rng` jitters each object by up to one pixel of the 32² scene.
-  Any size renders the same scene (objects and jitter scaled by size/32; the same draws from rng), so the
-  images of one seed at 32² and 64² are the low- and high-resolution views of one scene (the cascade demo)."""
-  img = -np.ones((size, size, 3), np.float32)
-  q, k = size // 2, size / SIZE
+def render(objects, rng=None, size=SIZE) -> np.ndarray:
+  """(h, w, 3) float32 image in [−1, 1] for size = side or (h, w); `rng` jitters each object by up to one pixel
+  of the 32² scene. Any size renders the same scene (objects and jitter scaled by min(h, w)/32; the same draws
+  from rng), so the images of one seed at 32² and 64² are the low- and high-resolution views of one scene (the
+  cascade demo), and a wide or tall size (an aspect bucket) places the objects in its four quadrants."""
+  h, w = _hw(size)
+  img = -np.ones((h, w, 3), np.float32)
+  qh, qw, k = h // 2, w // 2, min(h, w) / SIZE
   for colour, shape, pos in objects:
     dy, dx = (rng.integers(-1, 2, 2) if rng is not None else (0, 0))
-    mask = _shape_mask(shape, 11 * k, dy * k, dx * k, size)
+    mask = _shape_mask(shape, 11 * k, dy * k, dx * k, (h, w))
     r0, c0 = POSITIONS[pos]
-    img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q][mask] = COLOURS[colour]
+    img[r0 * qh:(r0 + 1) * qh, c0 * qw:(c0 + 1) * qw][mask] = COLOURS[colour]
   return img
 
 
@@ -166,13 +175,18 @@ FEATURES = (
 )
 
 
-def features(size: int = SIZE):
-  return (records.Feature("latent", (size, size, 3), "float16"), *FEATURES[1:])
+def features(size: int = SIZE, bucketed: bool = False):
+  shape = (None, None, 3) if bucketed else (size, size, 3)
+  return (records.Feature("latent", shape, "float16"), *FEATURES[1:])
 
 
-def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024, size: int = SIZE):
+def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024, size: int = SIZE,
+               buckets=()):
   """Writes `num_examples` scenes from `seed` at size × size; the same seed gives byte-identical files, and
-  the same scenes at every size."""
+  the same scenes at every size. buckets ((h, w), …): each scene at one of these sizes instead, drawn per
+  example (aspect-ratio buckets: the latents' shape varies, one bucket per batch in training)."""
+  if buckets:
+    return _write_demo_buckets(path, num_examples, seed, examples_per_shard, tuple(tuple(b) for b in buckets))
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
   null_context, null_pooled = encoder("")
@@ -186,6 +200,25 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
       objects = random_scene(rng)
       context, pooled = encoder(caption(objects))
       w.write({"latent": render(objects, rng, size).astype(np.float16), "context": context, "pooled": pooled})
+  return records.load_metadata(path)
+
+
+def _write_demo_buckets(path, num_examples, seed, examples_per_shard, buckets):
+  rng = np.random.default_rng(seed)
+  encoder = DemoTextEncoder()
+  null_context, null_pooled = encoder("")
+  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+            "buckets": [list(b) for b in buckets],
+            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
+            "text_encoders": TEXT_ENCODERS}
+  with DatasetWriter(path, features(bucketed=True), extras, examples_per_shard=examples_per_shard,
+                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
+                     keep_existing=True) as w:
+    for _ in range(num_examples):
+      objects = random_scene(rng)
+      hw = buckets[int(rng.integers(len(buckets)))]
+      context, pooled = encoder(caption(objects))
+      w.write({"latent": render(objects, rng, hw).astype(np.float16), "context": context, "pooled": pooled})
   return records.load_metadata(path)
 
 
@@ -272,11 +305,12 @@ def default_cache_dir() -> epath.Path:
 
 
 def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int = 0, root=None,
-                kind: str = "text", size: int = SIZE) -> str:
+                kind: str = "text", size: int = SIZE, buckets=()) -> str:
   """Path of a demo dataset split ('train' or 'validation'), writing it on first use.
 
   kind: 'text' (two-object scenes with captions, for MM-DiT), 'classes' (one object, labelled by
-  colour × shape, for class-conditional DiT) or 'pairs' (captions with a preferred and a rejected scene, DPO). size: the images' side (text scenes; 64 for the cascade demo's
+  colour × shape, for class-conditional DiT) or 'pairs' (captions with a preferred and a rejected scene, DPO).
+  buckets ((h, w), …; text scenes): each scene at one of these sizes (SD3's mixed-aspect hi-res stage). size: the images' side (text scenes; 64 for the cascade demo's
   super-resolution stage — the same scenes as at 32).
   """
   sizes = {"train": 8192, "validation": 512}
@@ -292,9 +326,18 @@ def ensure_demo(split: str = "train", num_examples: int | None = None, seed: int
     raise ValueError(f"demo size {size} must be a multiple of 8")
   name, write = DEMO_KINDS[kind]
   suffix = "" if size == SIZE else f"-{size}px"
+  extra = {}
+  if buckets:
+    if kind != "text":
+      raise ValueError(f"demo buckets: only the text scenes come in aspect buckets, not {kind!r}")
+    bad = [b for b in buckets if len(b) != 2 or min(b) < 8 or b[0] % 8 or b[1] % 8]
+    if bad:
+      raise ValueError(f"demo buckets {bad}: (h, w) pairs of multiples of 8")
+    suffix += "-buckets" + "_".join(f"{h}x{w}" for h, w in buckets)
+    extra["buckets"] = tuple(tuple(b) for b in buckets)
   path = epath.Path(root or default_cache_dir()) / f"{name}-v{DEMO_VERSION}-{split}-n{n}-seed{seed}{suffix}"
   if not (path / records.METADATA).is_file():
-    write(path, n, split_seed, **({"size": size} if size != SIZE else {}))
+    write(path, n, split_seed, **({"size": size} if size != SIZE else {}), **extra)
   return str(path)
 
 
@@ -304,9 +347,9 @@ _FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 
 
 def _quadrant(img, pos):
-  q = img.shape[0] // 2
+  qh, qw = img.shape[0] // 2, img.shape[1] // 2
   r0, c0 = POSITIONS[pos]
-  return img[r0 * q:(r0 + 1) * q, c0 * q:(c0 + 1) * q]
+  return img[r0 * qh:(r0 + 1) * qh, c0 * qw:(c0 + 1) * qw]
 
 
 def check(image: np.ndarray, text: str) -> dict:
