@@ -79,8 +79,8 @@ def stage_config(workdir: str, overrides: dict) -> TrainConfig:
     if leaf not in parent:
       raise UserError(f"--cascade={workdir}: unknown config field {key!r}")
     parent[leaf] = _typed(key, raw, parent[leaf])
-  try:
-    return config_lib.from_config_dict(c)
+  try:  # (with config.shift_base_resolution, the sampling shift of the requested size needs pixels per cell)
+    return inputs.with_latent_downsample(config_lib.from_config_dict(c))
   except ConfigError as e:
     raise UserError(f"--cascade={workdir}: {e}") from e
 
@@ -97,7 +97,7 @@ def _stage_input(previous: sample.Samples, cfg: TrainConfig) -> np.ndarray:
 def scene_scores(images: np.ndarray, captions: list) -> dict:
   """Demo images (N, S, S, 3) against their captions: compositional accuracy (all, position, colour, shape) and
   PSNR against the captions' scenes rendered at S² (the cascade's reports and benchmarks/cascade_ablation.py)."""
-  truth = np.stack([demo.render(demo.parse_caption(c), size=images.shape[1]) for c in captions])
+  truth = np.stack([demo.render(demo.parse_caption(c), size=images.shape[1:3]) for c in captions])
   acc = demo.compositional_accuracy(images, captions)
   return {"accuracy_all": acc["all"], "accuracy_position": acc["position"], "accuracy_colour": acc["colour"],
           "accuracy_shape": acc["shape"], "psnr": evaluate.psnr(images, truth)}
