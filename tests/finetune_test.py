@@ -18,7 +18,16 @@ from mmdit_jax.state import FROZEN, restore_for_eval
 from mmdit_jax.train_step import dpo_losses
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("straight")  # (shares the session's straight run as the base to adapt)
+pytestmark = pytest.mark.xdist_group("finetune")  # (one worker trains the base these tests adapt, once)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The tiny config trained for 8 steps: the base every test here adapts (its own, not the session's
+  straight run, so that this module can run on either worker)."""
+  workdir = tmp_path_factory.mktemp("base")
+  assert train.train_and_evaluate(helpers.config(), workdir)["step"] == helpers.STEPS
+  return workdir, None
 
 
 def _base_params(workdir):
@@ -164,17 +173,17 @@ def test_dpo_without_pairs_is_a_config_error(straight, tmp_path):
 
 def test_dpo_raises_held_out_reward_accuracy(straight, tmp_path):
   """DPO with LoRA on demo preference pairs whose rejected image leaves an object out (a flaw the 8-step base
-  can see without reading the caption): the held-out implicit reward accuracy (pairs the fine-tuned model
-  prefers the right way, against the adapter-free reference) rises above 50 %. (docs/finetune.md: the demo on
-  every flaw, from a trained base.)"""
+  can see without reading the caption): in 24 steps the held-out implicit reward accuracy (pairs the
+  fine-tuned model prefers the right way, against the adapter-free reference) rises above 50 %.
+  (docs/finetune.md: the demo on every flaw, from a trained base.)"""
   base_dir, _ = straight
   train_pairs = demo.write_demo_pairs(tmp_path / "train", 256, 0, flaws=("count",))
   val_pairs = demo.write_demo_pairs(tmp_path / "val", 64, 1, flaws=("count",))
   del train_pairs, val_pairs
   cfg = helpers.config(**{"init": f"run-ema:{base_dir}", "lora.rank": 8, "lora.targets": ("attn", "mlp", "mod"),
-                          "dpo.beta": 5000.0, "optim.lr": 1e-2, "total_steps": 40, "data.global_batch_size": 16,
+                          "dpo.beta": 5000.0, "optim.lr": 1e-2, "total_steps": 24, "data.global_batch_size": 16,
                           "data.path": str(tmp_path / "train"), "data.val_path": str(tmp_path / "val"),
-                          "eval_batches": 4, "checkpoint_every": 40, "debug.log_data_order": False})
+                          "eval_batches": 2, "checkpoint_every": 24, "debug.log_data_order": False})
   summary = train.train_and_evaluate(cfg, tmp_path / "run")
   assert summary["val_raw/dpo_accuracy"] > 0.5, summary
   assert summary["val_raw/dpo_margin"] > 0, summary
