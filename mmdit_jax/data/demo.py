@@ -185,38 +185,21 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
   """Writes `num_examples` scenes from `seed` at size × size; the same seed gives byte-identical files, and
   the same scenes at every size. buckets ((h, w), …): each scene at one of these sizes instead, drawn per
   example (aspect-ratio buckets: the latents' shape varies, one bucket per batch in training)."""
+  buckets = tuple(tuple(b) for b in buckets)
+  rng = np.random.default_rng(seed)
+  encoder = DemoTextEncoder()
+  null_context, null_pooled = encoder("")
+  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
+            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
+            "text_encoders": TEXT_ENCODERS}
   if buckets:
-    return _write_demo_buckets(path, num_examples, seed, examples_per_shard, tuple(tuple(b) for b in buckets))
-  rng = np.random.default_rng(seed)
-  encoder = DemoTextEncoder()
-  null_context, null_pooled = encoder("")
-  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
-            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
-            "text_encoders": TEXT_ENCODERS}
-  with DatasetWriter(path, features(size), extras, examples_per_shard=examples_per_shard,
+    extras["buckets"] = [list(b) for b in buckets]
+  with DatasetWriter(path, features(size, bucketed=bool(buckets)), extras, examples_per_shard=examples_per_shard,
                      null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
                      keep_existing=True) as w:
     for _ in range(num_examples):
       objects = random_scene(rng)
-      context, pooled = encoder(caption(objects))
-      w.write({"latent": render(objects, rng, size).astype(np.float16), "context": context, "pooled": pooled})
-  return records.load_metadata(path)
-
-
-def _write_demo_buckets(path, num_examples, seed, examples_per_shard, buckets):
-  rng = np.random.default_rng(seed)
-  encoder = DemoTextEncoder()
-  null_context, null_pooled = encoder("")
-  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
-            "buckets": [list(b) for b in buckets],
-            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
-            "text_encoders": TEXT_ENCODERS}
-  with DatasetWriter(path, features(bucketed=True), extras, examples_per_shard=examples_per_shard,
-                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
-                     keep_existing=True) as w:
-    for _ in range(num_examples):
-      objects = random_scene(rng)
-      hw = buckets[int(rng.integers(len(buckets)))]
+      hw = buckets[int(rng.integers(len(buckets)))] if buckets else size
       context, pooled = encoder(caption(objects))
       w.write({"latent": render(objects, rng, hw).astype(np.float16), "context": context, "pooled": pooled})
   return records.load_metadata(path)

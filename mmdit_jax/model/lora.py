@@ -141,17 +141,19 @@ def merge(base, adapters, scale: float, *, dropout: float = 0.0, key=None):
   return out
 
 
+def _kernel_shardings(param_shardings) -> dict:
+  """{module path: NamedSharding} of the linear kernels in a tree of parameter shardings."""
+  from jax.sharding import NamedSharding
+  leaves = jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+  return {path: s for keypath, s in leaves if (path := _module_path(keypath)) is not None}
+
+
 def shardings(adapters_abstract, param_shardings) -> dict:
   """Adapter shardings from their kernels': A (…, in, r) keeps W's input-axis sharding and B (…, r, out) its
   output-axis one; the rank axis of each takes the mesh axes of W's other axis where r divides by their size,
   so A and B are split over the same devices as W (FSDP shards adapters too). Leading (layer) axes follow W's."""
   from jax.sharding import NamedSharding, PartitionSpec
-  kernels = {}
-  for keypath, s in jax.tree_util.tree_flatten_with_path(
-      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
-    path = _module_path(keypath)
-    if path is not None:
-      kernels[path] = s
+  kernels = _kernel_shardings(param_shardings)
   out = {}
   for path, ab in flat(adapters_abstract).items():
     s = kernels[path]
@@ -209,12 +211,7 @@ def frozen_shardings(frozen_abstract, param_shardings):
   """Shardings of freeze()'s output: weights like the parameters, int8 scales (…, 1, out) like their kernels
   with the input axis replicated."""
   from jax.sharding import NamedSharding, PartitionSpec
-  by_name = {}
-  for keypath, s in jax.tree_util.tree_flatten_with_path(
-      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
-    path = _module_path(keypath)
-    if path is not None:
-      by_name["/".join(path)] = s
+  by_name = {"/".join(path): s for path, s in _kernel_shardings(param_shardings).items()}
   scales = {}
   for name, a in frozen_abstract["scales"].items():
     s = by_name[name]
