@@ -1,5 +1,6 @@
 """CLIP score and CMMD in JAX, from a transformers CLIPModel directory (weights, config.json, tokenizer files;
-e.g. openai/clip-vit-large-patch14 or -336, the tower CMMD's authors use).
+e.g. openai/clip-vit-large-patch14 or -336, the tower CMMD's authors use) or an OpenCLIP one
+(open_clip_model.safetensors, open_clip_config.json and the tokenizer files, e.g. LAION's ViT-bigG/14).
 
 Both towers are the project's Flax encoders (encoders.clip for text, encoders.clip_vision for images) read
 through their converters; the images are the project's (B, H, W, 3) in [−1, 1] and go through CLIP's

@@ -84,6 +84,63 @@ def test_clip_vision_matches_transformers(tmp_path, act, whole_clip):
   assert clip_vision.embed_images(cfg, params, images).shape == (2, 24)
 
 
+@pytest.mark.parametrize("quick_gelu,with_config", [(False, False), (True, True)])
+def test_open_clip_checkpoint_matches_open_clip(tmp_path, quick_gelu, with_config):
+  """An OpenCLIP checkpoint (open_clip_model.safetensors; q/k/v packed in in_proj, projections stored (in, out))
+  gives both towers' embeddings of OpenCLIP's own CLIP (tests/encoders/open_clip_reference.py) on the same
+  pixels and ids; its config from open_clip_config.json (16-wide heads), or without one OpenCLIP's defaults
+  (GELU, 64-wide heads)."""
+  import json
+  import safetensors.torch
+  from tests.encoders import open_clip_reference
+  torch.manual_seed(0)
+  heads = 4 if with_config else 1
+  ref = open_clip_reference.CLIP(embed_dim=24, image_size=28, patch_size=7, vision_width=64, vision_layers=2,
+                                 vision_heads=heads, vocab_size=99, context_length=77, text_width=64,
+                                 text_layers=2, text_heads=heads, quick_gelu=quick_gelu).eval()
+  with torch.no_grad():
+    for v in ref.state_dict().values():  # LayerNorms and biases away from 1 and 0 too
+      v.add_(0.1 * torch.randn_like(v))
+  safetensors.torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+                              tmp_path / "open_clip_model.safetensors")
+  if with_config:
+    (tmp_path / convert.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": {
+        "embed_dim": 24, "quick_gelu": quick_gelu,
+        "vision_cfg": {"image_size": 28, "patch_size": 7, "width": 64, "layers": 2, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 99, "width": 64, "heads": 4, "layers": 2}}}))
+  pixels = np.random.default_rng(0).standard_normal((3, 28, 28, 3)).astype(np.float32)
+  ids = _ids(np.random.default_rng(1), 3, 77, 99, 98)  # OpenCLIP pools at argmax(ids): EOT is the largest id
+  with torch.no_grad():
+    want_image = ref.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+    want_text = ref.encode_text(torch.tensor(ids)).numpy()
+
+  act = "quick_gelu" if quick_gelu else "gelu"
+  vcfg, vparams = convert.load_clip_vision(tmp_path / "open_clip_model.safetensors")  # the file, or its directory
+  assert (vcfg.image_size, vcfg.patch_size, vcfg.depth, vcfg.num_heads, vcfg.activation) == (28, 7, 2, heads, act)
+  assert _rel(jax.jit(lambda p, x: api.apply(vcfg, p, x))(vparams, pixels), want_image) < 1e-4
+  tcfg, tparams = convert.load_clip(tmp_path)
+  assert (tcfg.num_heads, tcfg.activation, tcfg.pooled, tcfg.eos_token_id) == (heads, act, "projected", 2)
+  assert _rel(jax.jit(lambda p, x: api.apply(tcfg, p, x)[1])(tparams, ids), want_text) < 1e-4
+
+
+def test_open_clip_variants_it_does_not_implement_are_errors(tmp_path):
+  import json
+  import safetensors.torch
+  from tests.encoders import open_clip_reference
+  ref = open_clip_reference.CLIP(embed_dim=8, image_size=14, patch_size=7, vision_width=16, vision_layers=1,
+                                 vision_heads=1, vocab_size=20, context_length=8, text_width=16, text_layers=1,
+                                 text_heads=1)
+  tensors = {k: v.contiguous() for k, v in ref.state_dict().items()}
+  safetensors.torch.save_file({**tensors, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(16)},
+                              tmp_path / "open_clip_model.safetensors")
+  with pytest.raises(ConversionError, match=r"OpenCLIP tensors have no place.*ls_1\.gamma"):
+    convert.load_clip_vision(tmp_path, num_heads=1)
+  safetensors.torch.save_file(tensors, tmp_path / "open_clip_model.safetensors")
+  (tmp_path / convert.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": {"vision_cfg": {"pool_type": "avg"}}}))
+  with pytest.raises(ConversionError, match=r"vision_cfg\.pool_type = 'avg'"):
+    convert.load_clip_vision(tmp_path, num_heads=1)
+
+
 def test_t5_encoder_matches_transformers(tmp_path):
   import transformers
   torch.manual_seed(0)
@@ -225,3 +282,16 @@ def test_param_counts_of_the_real_shapes():
   # tower above), ViT-bigG/14 1844.9M (OpenCLIP's 2539.6M less 694.66M).
   assert api.param_count(clip_vision.CLIP_VIT_L14) / 1e6 == pytest.approx(303.97, abs=0.01)
   assert api.param_count(clip_vision.CLIP_VIT_BIGG14) / 1e6 == pytest.approx(1844.9, abs=0.1)
+
+
+def test_clip_vision_config_of_bigg_without_config_json():
+  """ViT-bigG/14's heads are 104 wide: without a config.json its 16 heads come from the known shapes (the
+  default 64-wide heads would give 26). Inferred from the file header's shapes only (nothing is read)."""
+  from mmdit_jax.model.weights import Derived
+  p = "vision_model."
+  shapes = {f"{p}embeddings.patch_embedding.weight": (1664, 3, 14, 14),
+            f"{p}embeddings.position_embedding.weight": (257, 1664),
+            f"{p}encoder.layers.0.mlp.fc1.weight": (8192, 1664), "visual_projection.weight": (1280, 1664),
+            **{f"{p}encoder.layers.{i}.layer_norm1.weight": (1664,) for i in range(48)}}
+  cfg = convert.infer_clip_vision_config(Derived({k: None for k in shapes}, shapes))
+  assert cfg == clip_vision.CLIP_VIT_BIGG14
