@@ -112,6 +112,7 @@ class SampleConfig:
   save_arrays: bool = False  # --mode=sample also writes images.npy (float32 in [0, 1], before PNG rounding)
   height: int = 0  # --mode=sample image size in pixels (0: the model's sample size); multiples of 16
   width: int = 0
+  batch_size: int = 64  # --mode=sample: samples per call of the one compiled sampler (rounded up to the mesh)
 
   def __post_init__(self):
     samplers = flow.samplers
@@ -132,6 +133,7 @@ class SampleConfig:
     _check("sample.threshold", self.threshold in samplers.THRESHOLDS,
            f"{self.threshold!r}; valid: {sorted(samplers.THRESHOLDS)}")
     _check("sample.steps", self.steps >= 1, f"must be >= 1, got {self.steps}")
+    _check("sample.batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
     _check("sample.guidance_interval", len(self.guidance_interval) == 2,
            f"is (t_low, t_high), got {self.guidance_interval}")
 

@@ -198,6 +198,7 @@ def base_config(backbone: str = "mmdit", **model_overrides) -> ml_collections.Co
   c.sample.save_arrays = False  # --mode=sample: also images.npy, float32 in [0, 1] before PNG rounding
   c.sample.height = 0  # --mode=sample: image size in pixels, multiples of 16 (0: the model's sample size)
   c.sample.width = 0
+  c.sample.batch_size = 64  # --mode=sample: samples per call of the one compiled sampler (more: further calls)
 
   c.eval = ml_collections.ConfigDict()  # sample evaluation
   c.eval.num_samples = 64  # samples per evaluation (grid, accuracy, FID, CLIP score)

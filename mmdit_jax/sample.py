@@ -248,8 +248,8 @@ def generate(cfg: TrainConfig, workdir, requests=(), embeddings: str | None = No
       if cfg.sr.factor:
         cond = {**cond, **superres.sampling_condition(cfg, lowres[indices], aug_noise[indices], aug_level)}
       null = {k: np.asarray(v) for k, v in null.items()}
-      latents[indices] = evaluate.generate_batched(run, state["ema"], cond, null, noise[indices], len(indices),
-                                                   mesh, per_sample)
+      latents[indices] = evaluate.generate_batched(run, state["ema"], cond, null, noise[indices],
+                                                   cfg.sample.batch_size, mesh, per_sample)
   pixel_space = inputs.pixel_space(cfg) and shape[-1] == 3  # pixel-space data (the demos): samples are images
   images = autoencoder.decode(latents) if autoencoder is not None else latents if pixel_space else None
   return Samples(latents, None if images is None else np.asarray(images, np.float32), names, requests, step,

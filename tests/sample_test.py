@@ -108,6 +108,9 @@ def test_sample_inputs_seeds_negatives_noise_grid_and_size(trained, tmp_path):
   assert [(r["seed"], r["negative_prompt"]) for r in records] == [(7, ""), (8, red)]
   alone = run([sample.Request(green, negative_prompt=red, seed=8)])
   assert np.abs(alone[0] - both[1]).max() <= 1  # (batch size 1 vs 2: float rounding only)
+  chunked = run([sample.Request(red, seed=7), sample.Request(green, negative_prompt=red, seed=8)],
+                **{"sample.batch_size": 1})  # two calls of the batch-1 program: the same images
+  assert np.abs(chunked - both).max() <= 1 and np.array_equal(chunked[1], alone[0])
   # The negative prompt is the unconditional branch: it matters (shown at a strong guidance, since 4 steps
   # of training leave the conditioning's effect small).
   strong = {"sample.guidance": 40.0}
