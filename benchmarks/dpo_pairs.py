@@ -37,7 +37,7 @@ def main():
   parser.add_argument("--seed", type=int, default=3)
   args = parser.parse_args()
 
-  from mmdit_jax import cascade, sample
+  from mmdit_jax import cascade, inputs, sample
   from mmdit_jax.data import demo, writer
 
   start = time.time()
@@ -59,7 +59,7 @@ def main():
              [(g, b) for g in np.flatnonzero(passed[i]) for b in np.flatnonzero(~passed[i])][:args.pairs_per_caption]]
     counts[split] = len(pairs)
     extras = {"name": f"demo_pairs_onpolicy-{split}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
-              "preference_pairs": True, "source": f"samples of {args.base} judged by the demo checker",
+              "preference_pairs": True, inputs.DEMO_TASK: "text", "source": f"samples of {args.base} judged by the demo checker",
               "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
               "text_encoders": demo.TEXT_ENCODERS}
     size = images.shape[2]

@@ -274,7 +274,13 @@ class SampleEvaluator:
     self.decode = (lambda latents: np.asarray(latents)) if pixels else (
         autoencoder.decode if autoencoder is not None else None)
     self.latent_shape = rows["latent"].shape[1:]
-    self.reference = None if self.decode is None else self.decode(rows["latent"].astype(np.float32))
+    reference = rows["latent"].astype(np.float32)
+    if self.captions is not None and val_set.meta.extras.get("demo_task"):
+      # A dataset of the demo's scenes that is not the demo (the on-policy DPO pairs hold the base model's own
+      # samples): FID against the captioned scenes rendered, as the demo's references are.
+      reference = np.stack([demo.render(s, np.random.default_rng(i), size=self.latent_shape[0])
+                            for i, s in enumerate(scenes)]).astype(np.float32)
+    self.reference = None if self.decode is None else self.decode(reference)
     self.fid_fn = (None if ecfg.fid_network == "none" or self.decode is None
                    else fid.feature_network(ecfg.fid_network, ecfg.inception_weights))
     self.clip_hook = fid.load_clip_score_hook(ecfg.clip_score)

@@ -23,6 +23,23 @@ def demo_kind(cfg: TrainConfig) -> str:
   return "pairs" if cfg.dpo.beta else "text"
 
 
+DEMO_TASK = "demo_task"  # metadata key: a dataset of the demo's scenes, scored by the demo's checker
+
+
+def evaluation_demo(cfg: TrainConfig) -> str | None:
+  """The demo task whose checker scores a run's samples (compositional or class accuracy, on the demo's fixed
+  captions or labels): the embedded demo's, or that of a dataset whose metadata names one ("demo_task": text |
+  classes — e.g. the on-policy DPO pairs of benchmarks/dpo_pairs.py, drawn from the demo's captions); else None."""
+  if is_demo(cfg):
+    return demo_kind(cfg)
+  if not cfg.data.path or cfg.data.path.startswith("tfds:"):
+    return None
+  task = data.load_metadata(cfg.data.path).extras.get(DEMO_TASK)
+  if task not in (None, "text", "classes"):
+    raise ConfigError(f"{cfg.data.path}: metadata {DEMO_TASK}={task!r}; valid: 'text', 'classes' (or none)")
+  return task
+
+
 def pixel_space(cfg: TrainConfig) -> bool:
   """Whether the dataset's "latents" are images in [−1, 1] (metadata "pixels": true; the demos are), so
   samples need no VAE to be viewed and scored."""

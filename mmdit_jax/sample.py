@@ -307,7 +307,7 @@ def run_eval(cfg: TrainConfig, workdir) -> dict:
     out = workdir / "eval"
     results = evaluate.validation_both(cfg, state, val_set, mesh)
     evaluator = evaluate.SampleEvaluator(cfg, val_set, mesh, out, autoencoder_for(cfg, mesh),
-                                         inputs.demo_kind(cfg) if inputs.is_demo(cfg) else None)
+                                         inputs.evaluation_demo(cfg))
     writer = MetricWriter(workdir / "eval")
     results.update(evaluator(state["ema"], step, writer))
   writer.write(step, results)

@@ -164,7 +164,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
         from mmdit_jax.sample import autoencoder_for
         evaluator = evaluate.SampleEvaluator(
             cfg, val_set, mesh, workdir / "samples", autoencoder_for(cfg, mesh),
-            inputs.demo_kind(cfg) if inputs.is_demo(cfg) else None)
+            inputs.evaluation_demo(cfg))
       return evaluator(weights(cfg, state, "ema"), step, writer)
 
     # ── Loop ──

@@ -171,6 +171,26 @@ def test_dpo_without_pairs_is_a_config_error(straight, tmp_path):
                                                "data.path": text_demo}), tmp_path)
 
 
+def test_a_dataset_of_demo_scenes_is_scored_by_the_demo_checker(tmp_path):
+  """On-policy pairs (benchmarks/dpo_pairs.py) are a dataset, not the embedded demo, but hold the demo's scenes:
+  their metadata's demo_task makes evaluation score samples by the demo's checker; a wrong value is an error."""
+  from mmdit_jax import inputs
+  from mmdit_jax.data import writer
+  context, pooled = demo.DemoTextEncoder()("")
+  for task, path in (("text", tmp_path / "ok"), ("faces", tmp_path / "bad"), (None, tmp_path / "none")):
+    extras = {"pixels": True, **({inputs.DEMO_TASK: task} if task else {})}
+    with writer.DatasetWriter(path, demo.pair_features(demo.SIZE), extras,
+                              null_embeddings={"context": context, "pooled": pooled}) as w:
+      image = demo.render(demo.random_scene(np.random.default_rng(0)))
+      w.write({"latent": image.astype(np.float16), "latent_rejected": image.astype(np.float16),
+               "context": context, "pooled": pooled})
+  assert inputs.evaluation_demo(helpers.config(**{"data.path": str(tmp_path / "ok")})) == "text"
+  assert inputs.evaluation_demo(helpers.config(**{"data.path": str(tmp_path / "none")})) is None
+  assert inputs.evaluation_demo(helpers.config()) == "text"  # the embedded demo
+  with pytest.raises(ConfigError, match=r"demo_task='faces'; valid: 'text', 'classes'"):
+    inputs.evaluation_demo(helpers.config(**{"data.path": str(tmp_path / "bad")}))
+
+
 def test_dpo_raises_held_out_reward_accuracy(straight, tmp_path):
   """DPO with LoRA on demo preference pairs whose rejected image leaves an object out (a flaw the 8-step base
   can see without reading the caption): in 24 steps the held-out implicit reward accuracy (pairs the

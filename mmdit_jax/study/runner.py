@@ -214,7 +214,7 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
             scfg = config_lib.from_config_dict(t)
             evaluators[setting] = (scfg, evaluate.SampleEvaluator(
                 scfg, val_set, mesh, workdir / "samples" / setting.name, autoencoder,
-                inputs.demo_kind(scfg) if inputs.is_demo(scfg) else None))
+                inputs.evaluation_demo(scfg)))
           scfg, evaluator = evaluators[setting]
           with jax.set_mesh(mesh), nnx.logical_axis_rules(scfg.sharding_rules):
             scores = evaluator(state["ema" if setting.weights == "ema" else "params"], step)
