@@ -1,8 +1,11 @@
 """On-policy preference pairs for the DPO demo: the base model's own samples, judged by the demo checker.
 
-For each of N captions the base run draws K samples (seeds differ); a caption whose samples include some the
-checker passes (all three attributes right) and some it fails gives pairs (preferred = a passing sample,
-rejected = a failing one; up to --pairs_per_caption of them). The pairs are written as a training and a held-out preference dataset (latent,
+For each of N captions the base run draws K samples (seeds differ), and the demo's checker scores each: the
+reward is the share of the caption's objects with all three attributes right plus the mean of the per-attribute
+shares (0 … 2). Two samples of one caption whose rewards differ by at least --margin make a pair (preferred =
+the higher), the largest gaps first, up to --pairs_per_caption per caption. The samples are kept (samples.npz),
+so --rejudge changes the rule without sampling again.
+The pairs are written as a training and a held-out preference dataset (latent,
 latent_rejected, the captions' embeddings), which `--config.data.path` / `--config.data.val_path` of a DPO run
 read. (The rendered pairs of the pairs demo show the model correct scenes it was trained on already; these show
 it its own mistakes.)
@@ -31,8 +34,10 @@ def main():
   parser.add_argument("--out", required=True, help="directory for train/ and validation/ pair datasets")
   parser.add_argument("--captions", type=int, default=1024)
   parser.add_argument("--per_caption", type=int, default=4)
-  parser.add_argument("--pairs_per_caption", type=int, default=4,
-                      help="at most this many (passing, failing) pairs of one caption's samples")
+  parser.add_argument("--pairs_per_caption", type=int, default=3,
+                      help="at most this many pairs of one caption's samples")
+  parser.add_argument("--margin", type=float, default=0.5, help="least reward gap of a pair")
+  parser.add_argument("--rejudge", action="store_true", help="reuse OUT/samples.npz instead of sampling")
   parser.add_argument("--held_out", type=float, default=0.125, help="share of captions kept for validation")
   parser.add_argument("--seed", type=int, default=3)
   args = parser.parse_args()
@@ -45,18 +50,32 @@ def main():
   captions = [demo.caption(demo.random_scene(rng)) for _ in range(args.captions)]
   requests = [sample.Request(c, seed=int(args.seed * 1_000_003 + i * args.per_caption + k))
               for i, c in enumerate(captions) for k in range(args.per_caption)]
-  cfg = cascade.stage_config(args.base, {})
-  out = sample.generate(cfg, args.base, requests)  # in batches of config.sample.batch_size
+  samples_file = pathlib.Path(args.out) / "samples.npz"
+  if args.rejudge:
+    kept = np.load(samples_file)
+    images, captions = kept["images"], [str(c) for c in kept["captions"]]
+  else:
+    cfg = cascade.stage_config(args.base, {})
+    out = sample.generate(cfg, args.base, requests)  # in batches of config.sample.batch_size
+    images = out.images.reshape(args.captions, args.per_caption, *out.images.shape[1:])
+    samples_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(samples_file, images=images.astype(np.float16), captions=np.array(captions))
   sampled = time.time() - start
-  images = out.images.reshape(args.captions, args.per_caption, *out.images.shape[1:])
-  passed = np.array([[demo.check(img, c)["all"] == 1.0 for img in imgs] for imgs, c in zip(images, captions)])
+  checks = [[demo.check(img, c) for img in imgs] for imgs, c in zip(images, captions)]
+  reward = np.array([[r["all"] + (r["position"] + r["colour"] + r["shape"]) / 3 for r in row] for row in checks])
+  whole = np.array([[r["all"] == 1.0 for r in row] for row in checks])
+
+  def pairs_of(i):
+    order = sorted(((reward[i, g] - reward[i, b], g, b) for g in range(len(reward[i])) for b in range(len(reward[i]))
+                    if reward[i, g] - reward[i, b] >= args.margin), reverse=True)
+    return [(i, g, b) for _, g, b in order[:args.pairs_per_caption]]
+
   encoder = demo.DemoTextEncoder()
   null_context, null_pooled = encoder("")
-  n_val = int(round(args.captions * args.held_out))
+  n_val = int(round(len(captions) * args.held_out))
   counts = {}
-  for split, rows in (("validation", range(n_val)), ("train", range(n_val, args.captions))):
-    pairs = [(i, int(good), int(bad)) for i in rows for good, bad in
-             [(g, b) for g in np.flatnonzero(passed[i]) for b in np.flatnonzero(~passed[i])][:args.pairs_per_caption]]
+  for split, rows in (("validation", range(n_val)), ("train", range(n_val, len(captions)))):
+    pairs = [pair for i in rows for pair in pairs_of(i)]
     counts[split] = len(pairs)
     extras = {"name": f"demo_pairs_onpolicy-{split}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
               "preference_pairs": True, inputs.DEMO_TASK: "text", "source": f"samples of {args.base} judged by the demo checker",
@@ -70,8 +89,10 @@ def main():
         context, pooled = encoder(captions[i])
         w.write({"latent": images[i, good].astype(np.float16), "context": context, "pooled": pooled,
                  "latent_rejected": images[i, bad].astype(np.float16)})
-  report = {"base": args.base, "captions": args.captions, "per_caption": args.per_caption,
-            "sample_accuracy_all": float(passed.mean()), "captions_with_pairs": int((passed.any(1) & ~passed.all(1)).sum()), "pairs": counts,
+  report = {"base": args.base, "captions": len(captions), "per_caption": images.shape[1],
+            "accuracy_all": float(np.mean([[r["all"] for r in row] for row in checks])),
+            "whole_scene_accuracy": float(whole.mean()), "mean_reward": float(reward.mean()), "margin": args.margin,
+            "captions_with_pairs": int(sum(bool(pairs_of(i)) for i in range(len(captions)))), "pairs": counts,
             "sampling_seconds": round(sampled, 1), "seconds": round(time.time() - start, 1)}
   (pathlib.Path(args.out) / "pairs.json").write_text(json.dumps(report, indent=1))
   print(json.dumps(report, indent=1))
