@@ -349,11 +349,12 @@ def _open_clip_config_json(path, tensors) -> dict:
   out = {}
   if "visual.conv1.weight" in tensors:
     width, depth = shape_of(tensors, "visual.conv1.weight")[0], _layer_ids(tensors, r"visual\.transformer\.resblocks\.(\d+)\.")
-    heads = width // vision["head_width"] if "head_width" in vision else KNOWN_CLIP_VISION_HEADS.get((width, depth))
+    # With a config, OpenCLIP's defaults (CLIPVisionCfg.head_width 64, CLIPTextCfg.heads 8) fill what it leaves out.
+    heads = width // vision.get("head_width", 64) if model else KNOWN_CLIP_VISION_HEADS.get((width, depth))
     out["vision_config"] = {"hidden_act": act, **({"num_attention_heads": heads} if heads else {})}
   # Text: pooled at argmax(ids) (OpenCLIP's pool_type "argmax"; eos_token_id 2 is transformers' flag for it).
-  out["text_config"] = {"hidden_act": act, "eos_token_id": 2, **({"num_attention_heads": text["heads"]}
-                                                                  if "heads" in text else {})}
+  out["text_config"] = {"hidden_act": act, "eos_token_id": 2,
+                        **({"num_attention_heads": text.get("heads", 8)} if model else {})}
   return out
 
 
