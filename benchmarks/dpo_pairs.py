@@ -38,6 +38,9 @@ def main():
                       help="at most this many pairs of one caption's samples")
   parser.add_argument("--margin", type=float, default=0.5, help="least reward gap of a pair")
   parser.add_argument("--rejudge", action="store_true", help="reuse OUT/samples.npz instead of sampling")
+  parser.add_argument("--preferred", choices=("sample", "render"), default="sample",
+                      help="sample: both images are the base's samples; render: the preferred image is the caption's "
+                           "scene rendered, the rejected one a sample that is not wholly right (SPIN-Diffusion's pairs)")
   parser.add_argument("--held_out", type=float, default=0.125, help="share of captions kept for validation")
   parser.add_argument("--seed", type=int, default=3)
   args = parser.parse_args()
@@ -66,9 +69,16 @@ def main():
   whole = np.array([[r["all"] == 1.0 for r in row] for row in checks])
 
   def pairs_of(i):
+    """(caption, preferred, rejected) with image indices into the caption's samples; -1: its scene rendered."""
+    if args.preferred == "render":
+      worst = sorted((reward[i, b], b) for b in range(len(reward[i])) if not whole[i, b])
+      return [(i, -1, b) for _, b in worst[:args.pairs_per_caption]]
     order = sorted(((reward[i, g] - reward[i, b], g, b) for g in range(len(reward[i])) for b in range(len(reward[i]))
                     if reward[i, g] - reward[i, b] >= args.margin), reverse=True)
     return [(i, g, b) for _, g, b in order[:args.pairs_per_caption]]
+
+  render_rng = np.random.default_rng(args.seed + 1)
+  rendered = [demo.render(demo.parse_caption(c), render_rng, images.shape[2]) for c in captions]
 
   encoder = demo.DemoTextEncoder()
   null_context, null_pooled = encoder("")
@@ -78,7 +88,7 @@ def main():
     pairs = [pair for i in rows for pair in pairs_of(i)]
     counts[split] = len(pairs)
     extras = {"name": f"demo_pairs_onpolicy-{split}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
-              "preference_pairs": True, inputs.DEMO_TASK: "text", "source": f"samples of {args.base} judged by the demo checker",
+              "preference_pairs": True, inputs.DEMO_TASK: "text", "source": f"samples of {args.base} judged by the demo checker (preferred: {args.preferred})",
               "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
               "text_encoders": demo.TEXT_ENCODERS}
     size = images.shape[2]
@@ -87,11 +97,13 @@ def main():
                               overwrite=True) as w:
       for i, good, bad in pairs:
         context, pooled = encoder(captions[i])
-        w.write({"latent": images[i, good].astype(np.float16), "context": context, "pooled": pooled,
+        w.write({"latent": (rendered[i] if good < 0 else images[i, good]).astype(np.float16), "context": context,
+                 "pooled": pooled,
                  "latent_rejected": images[i, bad].astype(np.float16)})
   report = {"base": args.base, "captions": len(captions), "per_caption": images.shape[1],
             "accuracy_all": float(np.mean([[r["all"] for r in row] for row in checks])),
-            "whole_scene_accuracy": float(whole.mean()), "mean_reward": float(reward.mean()), "margin": args.margin,
+            "whole_scene_accuracy": float(whole.mean()), "mean_reward": float(reward.mean()), "preferred": args.preferred,
+            "margin": args.margin,
             "captions_with_pairs": int(sum(bool(pairs_of(i)) for i in range(len(captions)))), "pairs": counts,
             "sampling_seconds": round(sampled, 1), "seconds": round(time.time() - start, 1)}
   (pathlib.Path(args.out) / "pairs.json").write_text(json.dumps(report, indent=1))
