@@ -4,13 +4,14 @@ For each of N captions the base run draws K samples (seeds differ), and the demo
 reward is the share of the caption's objects with all three attributes right plus the mean of the per-attribute
 shares (0 … 2). Two samples of one caption whose rewards differ by at least --margin make a pair (preferred =
 the higher), the largest gaps first, up to --pairs_per_caption per caption. The samples are kept (samples.npz),
-so --rejudge changes the rule without sampling again.
-The pairs are written as a training and a held-out preference dataset (latent,
-latent_rejected, the captions' embeddings), which `--config.data.path` / `--config.data.val_path` of a DPO run
-read. (The rendered pairs of the pairs demo show the model correct scenes it was trained on already; these show
-it its own mistakes.)
+so --rejudge changes the rule without sampling again. With --preferred=render the preferred image is instead the
+caption's scene rendered, against each of the base's samples that is not wholly right (SPIN-Diffusion's pairs).
+The pairs are written as a training and a held-out preference dataset (latent, latent_rejected, the captions'
+embeddings; metadata demo_task "text", so evaluation scores samples with the demo's checker), which
+`--config.data.path` / `--config.data.val_path` of a DPO run read. (The rendered pairs of the pairs demo show the
+model correct scenes it was trained on already; these show it its own mistakes.) docs/finetune.md has the results.
 
-  python benchmarks/dpo_pairs.py --base=/tmp/dpo_base --out=/tmp/dpo_pairs --captions=1024 --per_caption=4
+  python benchmarks/dpo_pairs.py --base=/tmp/dpo_base --out=/tmp/dpo_pairs --captions=768 --per_caption=4
   python -m mmdit_jax.main --config=configs/lora.py:base=run-ema:/tmp/dpo_base,target=tiny,dpo=5000 \
       --config.data.path=/tmp/dpo_pairs/train --config.data.val_path=/tmp/dpo_pairs/validation --workdir=/tmp/dpo_onpolicy
 """

@@ -60,7 +60,8 @@ def t_max(process: Process, sigma_max: float = 80.0) -> float:
   (EDM) processes, whose σ diverges at t = 1, the t where σ = sigma_max (EDM's σ_max = 80)."""
   if not isinstance(process, VarianceExploding):
     return 1.0
-  return float(t_of_log_snr(process, jnp.asarray(-2.0 * math.log(sigma_max))))
+  with jax.ensure_compile_time_eval():  # a constant of the program, also when called while tracing one
+    return float(t_of_log_snr(process, jnp.asarray(-2.0 * math.log(sigma_max))))
 
 
 def log_snr_grid(process: Process, num_steps: int, t_max: float, sigma_min: float = 0.002):

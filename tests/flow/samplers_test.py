@@ -126,6 +126,10 @@ def test_t_max_is_where_sigma_reaches_80():
     process = flow.get_process(name)
     assert float(process.sigma(jnp.asarray(samplers.t_max(process)))) == pytest.approx(80.0, rel=2e-2)
   assert samplers.t_max(flow.get_process("rf")) == 1.0
+  # The same constant while a program is traced (the evaluator's and --mode=sample's jitted sampling loops).
+  process = flow.get_process("edm")
+  grid = jax.jit(lambda: samplers.log_snr_grid(process, 5, samplers.t_max(process)))()
+  np.testing.assert_allclose(grid, samplers.log_snr_grid(process, 5, samplers.t_max(process)), rtol=1e-6)
 
 
 def test_unknown_names():
