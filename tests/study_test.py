@@ -116,6 +116,7 @@ def test_a_tiny_study_is_killed_resumed_and_ranked(tmp_path):
   lvm = table["loss_vs_metrics"]
   assert lvm["setting"] == "euler-2steps-cfg3-ema" and len(lvm["points"]) == 4
   assert lvm["quality"]["n"] == 4 and -1 <= lvm["quality"]["pearson"] <= 1
+  assert {f: w["quality"]["n"] for f, w in lvm["within_formulations"].items()} == {"rf": 2, "eps/linear": 2}
   assert sorted(p.name for p in (rf / "scores" / "curve").iterdir()) == ["0000002.json", "0000004.json"]
   # A second shard of a finished study only ranks; bad shards and formulations are named.
   assert runner.run_study(c, tmp_path, shard="1/2") == table

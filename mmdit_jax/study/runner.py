@@ -252,7 +252,17 @@ def loss_vs_metrics(c, study_dir) -> dict | None:
     return {"pearson": float(np.corrcoef(a[ok], b[ok])[0, 1]),
             "spearman": float(np.corrcoef(rank(a[ok]), rank(b[ok]))[0, 1]), "n": int(ok.sum())}
 
+  # Within each formulation too: the losses of different formulations are on different scales (an ε-loss is
+  # not a velocity loss), so the pooled figure mixes "which formulation" with "how far trained".
+  forms = np.asarray([p[0] for p in points])
+  within = {f: {"alignment": corr(loss[forms == f], align[forms == f]), "quality": corr(loss[forms == f],
+                                                                                       qual[forms == f])}
+            for f in dict.fromkeys(forms.tolist())}
+  mean_within = {axis: (float(np.mean(v)) if (v := [w[axis]["spearman"] for w in within.values()
+                                                    if w[axis]["spearman"] is not None]) else None)
+                 for axis in ("alignment", "quality")}
   return {"setting": setting.name, "alignment": corr(loss, align), "quality": corr(loss, qual),
+          "within_formulations": within, "mean_within_spearman": mean_within,
           "points": [{"formulation": f, "step": s, "val_ema/loss": l, "alignment": a, "quality": q}
                      for f, s, l, a, q in points]}
 
@@ -330,6 +340,12 @@ def _markdown(table) -> str:
     fmt = lambda r: "—" if r["pearson"] is None else f"Pearson {r['pearson']:+.2f}, Spearman {r['spearman']:+.2f} (n={r['n']})"
     lines += ["", f"EMA validation loss against the samples of every validated checkpoint ({lvm['setting']}): "
               f"{table['alignment_metric']} {fmt(lvm['alignment'])}; {table['quality_metric']} {fmt(lvm['quality'])}."]
+    mean = lvm.get("mean_within_spearman") or {}
+    num = lambda x: "—" if x is None else f"{x:+.2f}"
+    lines += ["", f"Within each formulation (Spearman over its checkpoints; mean {num(mean.get('alignment'))} for "
+              f"{table['alignment_metric']}, {num(mean.get('quality'))} for {table['quality_metric']}): " + "; ".join(
+                  f"{f} {num(w['alignment']['spearman'])} / {num(w['quality']['spearman'])}"
+                  for f, w in lvm.get("within_formulations", {}).items()) + "."]
   lines += ["", "Cells: front index (alignment, quality).", "", "Plots: " + ", ".join(
       f"[{p.split('/')[-1][:-4]}]({p})" for p in table.get("plots", []))]
   return "\n".join(lines) + "\n"
