@@ -72,21 +72,30 @@ def validation_curves(selections: dict, path):
 
 
 def metric_vs_steps(table: dict, settings: list, path):
-  """Alignment and quality against sampling steps, one line per formulation and guidance/weights/sampler."""
+  """Alignment and quality against sampling steps: one row of panels per guidance scale (and sampler), one
+  colour per formulation, EMA weights solid and raw weights dashed."""
   plt = _pyplot()
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
   groups = {}
   for s in settings:
     for f, e in table["per_setting"][s.name].items():
-      groups.setdefault((f, s.sampler, s.guidance, s.weights), []).append((s.steps, e["alignment"], e["quality"]))
-  for (f, sampler, g, w), pts in sorted(groups.items()):
-    pts.sort()
-    label = f"{f} cfg{g:g} {w}" + ("" if sampler == "euler" else f" {sampler}")
-    a1.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
-    a2.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=label)
-  a1.set(xlabel="sampling steps", ylabel=table["alignment_metric"], xscale="log", title="alignment ↑")
-  a2.set(xlabel="sampling steps", ylabel=table["quality_metric"], xscale="log", title="quality ↓")
-  a2.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+      groups.setdefault((s.sampler, s.guidance), {}).setdefault((f, s.weights), []).append(
+          (s.steps, e["alignment"], e["quality"]))
+  formulations = list(table["average_rank"])
+  colours = {f: f"C{i % 10}" for i, f in enumerate(formulations)}
+  rows = sorted(groups)
+  fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
+  for (sampler, g), (a1, a2) in zip(rows, axes):
+    for (f, w), pts in sorted(groups[(sampler, g)].items()):
+      pts.sort()
+      style = dict(marker=".", color=colours.get(f, "k"), linestyle="-" if w == "ema" else "--",
+                   label=f if w == "ema" else None)
+      a1.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+      a2.plot([p[0] for p in pts], [p[2] for p in pts], **style)
+    where = f"{sampler}, CFG {g:g}"
+    a1.set(xlabel="sampling steps", ylabel=table["alignment_metric"], xscale="log", title=f"alignment ↑ ({where})")
+    a2.set(xlabel="sampling steps", ylabel=table["quality_metric"], xscale="log", title=f"quality ↓ ({where})")
+  axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), title="EMA solid, raw dashed",
+                    title_fontsize=7)
   return _save(fig, path)
 
 
@@ -117,5 +126,11 @@ def loss_vs_metrics(table: dict, path):
     a2.plot([p["val_ema/loss"] for p in pts], [p["quality"] for p in pts], "o", ms=4, label=f)
   a1.set(xlabel="EMA validation loss", ylabel=table["alignment_metric"], title=lvm["setting"])
   a2.set(xlabel="EMA validation loss", ylabel=table["quality_metric"], title=lvm["setting"])
+  quality = np.asarray([p["quality"] for p in lvm["points"]], np.float64)
+  quality = quality[np.isfinite(quality)]
+  if len(quality) and quality.min() > 0 and quality.max() > 10 * quality.min():  # early checkpoints' FID
+    a2.set_yscale("log")
+  for ax in (a1, a2):  # each formulation's loss has its own scale: log x keeps them apart and readable
+    ax.set_xscale("log")
   a2.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
   return _save(fig, path)
