@@ -19,6 +19,7 @@ def _pyplot():
 def _save(fig, path):
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()  # (a panel's title clear of the xlabel above it)
   with path.open("wb") as f:
     fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   _pyplot().close(fig)
