@@ -47,18 +47,18 @@ def main():
   args = parser.parse_args()
 
   from mmdit_jax import cascade, inputs, sample
-  from mmdit_jax.data import demo, writer
+  from mmdit_jax.data import demo
 
   start = time.time()
-  rng = np.random.default_rng(args.seed)
-  captions = [demo.caption(demo.random_scene(rng)) for _ in range(args.captions)]
-  requests = [sample.Request(c, seed=int(args.seed * 1_000_003 + i * args.per_caption + k))
-              for i, c in enumerate(captions) for k in range(args.per_caption)]
   samples_file = pathlib.Path(args.out) / "samples.npz"
   if args.rejudge:
     kept = np.load(samples_file)
     images, captions = kept["images"], [str(c) for c in kept["captions"]]
   else:
+    rng = np.random.default_rng(args.seed)
+    captions = [demo.caption(demo.random_scene(rng)) for _ in range(args.captions)]
+    requests = [sample.Request(c, seed=int(args.seed * 1_000_003 + i * args.per_caption + k))
+                for i, c in enumerate(captions) for k in range(args.per_caption)]
     cfg = cascade.stage_config(args.base, {})
     out = sample.generate(cfg, args.base, requests)  # in batches of config.sample.batch_size
     images = out.images.reshape(args.captions, args.per_caption, *out.images.shape[1:])
@@ -78,25 +78,22 @@ def main():
                     if reward[i, g] - reward[i, b] >= args.margin), reverse=True)
     return [(i, g, b) for _, g, b in order[:args.pairs_per_caption]]
 
-  render_rng = np.random.default_rng(args.seed + 1)
-  rendered = [demo.render(demo.parse_caption(c), render_rng, images.shape[2]) for c in captions]
+  pairs = [pairs_of(i) for i in range(len(captions))]
+  if args.preferred == "render":
+    render_rng = np.random.default_rng(args.seed + 1)
+    rendered = [demo.render(demo.parse_caption(c), render_rng, images.shape[2]) for c in captions]
 
   encoder = demo.DemoTextEncoder()
-  null_context, null_pooled = encoder("")
   n_val = int(round(len(captions) * args.held_out))
   counts = {}
   for split, rows in (("validation", range(n_val)), ("train", range(n_val, len(captions)))):
-    pairs = [pair for i in rows for pair in pairs_of(i)]
-    counts[split] = len(pairs)
-    extras = {"name": f"demo_pairs_onpolicy-{split}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
-              "preference_pairs": True, inputs.DEMO_TASK: "text", "source": f"samples of {args.base} judged by the demo checker (preferred: {args.preferred})",
-              "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
-              "text_encoders": demo.TEXT_ENCODERS}
-    size = images.shape[2]
-    with writer.DatasetWriter(pathlib.Path(args.out) / split, demo.pair_features(size), extras,
-                              examples_per_shard=1024, null_embeddings={"context": null_context, "pooled": null_pooled},
-                              overwrite=True) as w:
-      for i, good, bad in pairs:
+    split_pairs = [pair for i in rows for pair in pairs[i]]
+    counts[split] = len(split_pairs)
+    extras = {"preference_pairs": True, inputs.DEMO_TASK: "text",
+              "source": f"samples of {args.base} judged by the demo checker (preferred: {args.preferred})"}
+    with demo.text_writer(pathlib.Path(args.out) / split, demo.pair_features(images.shape[2]),
+                          f"demo_pairs_onpolicy-{split}", encoder, extras) as w:
+      for i, good, bad in split_pairs:
         context, pooled = encoder(captions[i])
         w.write({"latent": (rendered[i] if good < 0 else images[i, good]).astype(np.float16), "context": context,
                  "pooled": pooled,
@@ -105,7 +102,7 @@ def main():
             "accuracy_all": float(np.mean([[r["all"] for r in row] for row in checks])),
             "whole_scene_accuracy": float(whole.mean()), "mean_reward": float(reward.mean()), "preferred": args.preferred,
             "margin": args.margin,
-            "captions_with_pairs": int(sum(bool(pairs_of(i)) for i in range(len(captions)))), "pairs": counts,
+            "captions_with_pairs": sum(bool(p) for p in pairs), "pairs": counts,
             "sampling_seconds": round(sampled, 1), "seconds": round(time.time() - start, 1)}
   (pathlib.Path(args.out) / "pairs.json").write_text(json.dumps(report, indent=1))
   print(json.dumps(report, indent=1))

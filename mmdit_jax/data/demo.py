@@ -180,6 +180,19 @@ def features(size: int = SIZE, bucketed: bool = False):
   return (records.Feature("latent", shape, "float16"), *FEATURES[1:])
 
 
+def text_writer(path, features, name: str, encoder: "DemoTextEncoder", extras: dict | None = None, *,
+                examples_per_shard: int = 1024, keep_existing: bool = False) -> DatasetWriter:
+  """A DatasetWriter (overwriting) for records of the text demo's kind — pixel-space images with `encoder`'s
+  embeddings: the metadata every such dataset carries, `extras` among it, and the encoder's null embeddings."""
+  null_context, null_pooled = encoder("")
+  meta = {"name": name, "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, **(extras or {}),
+          "encoders": {"demo_text": f"mmdit_jax.data.demo.DemoTextEncoder(seed={ENCODER_SEED})"},
+          "text_encoders": TEXT_ENCODERS}
+  return DatasetWriter(path, features, meta, examples_per_shard=examples_per_shard,
+                       null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
+                       keep_existing=keep_existing)
+
+
 def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 1024, size: int = SIZE,
                buckets=()):
   """Writes `num_examples` scenes from `seed` at size × size; the same seed gives byte-identical files, and
@@ -188,15 +201,9 @@ def write_demo(path, num_examples: int, seed: int, examples_per_shard: int = 102
   buckets = tuple(tuple(b) for b in buckets)
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
-  null_context, null_pooled = encoder("")
-  extras = {"name": f"demo_shapes-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0, "seed": seed,
-            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"},
-            "text_encoders": TEXT_ENCODERS}
-  if buckets:
-    extras["buckets"] = [list(b) for b in buckets]
-  with DatasetWriter(path, features(size, bucketed=bool(buckets)), extras, examples_per_shard=examples_per_shard,
-                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
-                     keep_existing=True) as w:
+  extras = {"seed": seed, **({"buckets": [list(b) for b in buckets]} if buckets else {})}
+  with text_writer(path, features(size, bucketed=bool(buckets)), f"demo_shapes-v{DEMO_VERSION}", encoder, extras,
+                   examples_per_shard=examples_per_shard, keep_existing=True) as w:
     for _ in range(num_examples):
       objects = random_scene(rng)
       hw = buckets[int(rng.integers(len(buckets)))] if buckets else size
@@ -257,13 +264,9 @@ def write_demo_pairs(path, num_examples: int, seed: int, examples_per_shard: int
   scene with one flaw of `flaws` ("latent_rejected", rejected_scene), rendered with the same jitter."""
   rng = np.random.default_rng(seed)
   encoder = DemoTextEncoder()
-  null_context, null_pooled = encoder("")
-  extras = {"name": f"demo_pairs-v{DEMO_VERSION}", "pixels": True, "latent_scale": 1.0, "latent_shift": 0.0,
-            "seed": seed, "preference_pairs": True, "flaws": list(flaws),
-            "encoders": {"demo_text": "mmdit_jax.data.demo.DemoTextEncoder(seed=1234)"}, "text_encoders": TEXT_ENCODERS}
-  with DatasetWriter(path, pair_features(size), extras, examples_per_shard=examples_per_shard,
-                     null_embeddings={"context": null_context, "pooled": null_pooled}, overwrite=True,
-                     keep_existing=True) as w:
+  extras = {"seed": seed, "preference_pairs": True, "flaws": list(flaws)}
+  with text_writer(path, pair_features(size), f"demo_pairs-v{DEMO_VERSION}", encoder, extras,
+                   examples_per_shard=examples_per_shard, keep_existing=True) as w:
     for _ in range(num_examples):
       objects = random_scene(rng)
       bad = rejected_scene(objects, rng, flaws)
