@@ -10,13 +10,12 @@ the unknown, missing or mis-shaped tensors.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 
 import numpy as np
-from etils import epath
 from flax import nnx
 
+from mmdit_jax.encoders import open_clip_layout
 from mmdit_jax.encoders.clip import CLIPTextConfig
 from mmdit_jax.encoders.clip_vision import CLIPVisionConfig
 from mmdit_jax.encoders.t5 import T5Config
@@ -264,111 +263,10 @@ def convert_clip_vision(tensors, cfg: CLIPVisionConfig, shardings=None):
   return _convert(cfg, tensors, torch_name, {("layers", "layers"): cfg.depth}, shardings)
 
 
-# OpenCLIP's layout (open_clip_model.safetensors, e.g. LAION's ViT-bigG/14 and ViT-L/14, with the
-# open_clip_config.json beside it): the towers of transformers' CLIPModel under other names, q/k/v packed in
-# one in_proj, the projections stored (in, out). Renamed to transformers' names, lazily, and read by the
-# converters above; the config comes from open_clip_config.json, else from the shapes (OpenCLIP's own
-# defaults: GELU, 64-wide heads, bigG's 104-wide vision heads).
-
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-_OPEN_CLIP_TOP = {
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
-    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
-    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
-    "text_projection.weight": "text_projection.weight"}  # text_projection as an nn.Linear (no bias)
-_OPEN_CLIP_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
-_OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_OPEN_CLIP_SKIPPED = ("logit_scale", "logit_bias", "attn_mask")  # the contrastive loss's scalars, a buffer
-# open_clip_config.json options that change the computation in ways these towers do not implement.
-_OPEN_CLIP_UNSUPPORTED = {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
-                          "final_ln_after_pool": False, "pool_type": ("tok", "argmax"), "embed_cls": False,
-                          "no_causal_mask": False, "proj_bias": False, "timm_model_name": None,
-                          "hf_model_name": None, "pos_embed_type": "learnable", "act_kwargs": None,
-                          "norm_kwargs": None, "output_tokens": False}
-
-
-def is_open_clip(tensors) -> bool:
-  """Whether a checkpoint is in OpenCLIP's layout (and not also in transformers')."""
-  return (not any(k.startswith(("vision_model.", "text_model.")) for k in tensors)
-          and any(k.startswith(("visual.transformer.resblocks.", "transformer.resblocks.")) for k in tensors))
-
-
-def open_clip_as_transformers(tensors) -> Derived:
-  """An OpenCLIP checkpoint's tensors under transformers' CLIPModel names (nothing is read)."""
-  thunks, shapes, unknown = {}, {}, []
-
-  def put(new, old, fn=lambda x: x, shape=None):
-    thunks[new] = lambda: fn(tensors[old])
-    shapes[new] = shape if shape is not None else shape_of(tensors, old)
-
-  for name in tensors:
-    block = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if name in _OPEN_CLIP_SKIPPED:
-      continue
-    if name in _OPEN_CLIP_TOP:
-      put(_OPEN_CLIP_TOP[name], name)
-    elif name in _OPEN_CLIP_TRANSPOSED:
-      put(_OPEN_CLIP_TRANSPOSED[name], name, np.transpose, shape_of(tensors, name)[::-1])
-    elif block and block[3] in _OPEN_CLIP_BLOCK:
-      tower = "vision_model" if block[1] else "text_model"
-      put(f"{tower}.encoder.layers.{block[2]}.{_OPEN_CLIP_BLOCK[block[3]]}.{block[4]}", name)
-    elif m := re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", name):
-      tower = "vision_model" if m[1] else "text_model"
-      shape = shape_of(tensors, name)
-      width = shape[0] // 3
-      for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # torch MultiheadAttention packs q, k, v
-        put(f"{tower}.encoder.layers.{m[2]}.self_attn.{proj}.{m[3]}", name,
-            lambda x, i=i, w=width: x[i * w:(i + 1) * w], (width, *shape[1:]))
-    else:
-      unknown.append(name)
-  if unknown:
-    raise ConversionError(f"{len(unknown)} OpenCLIP tensors have no place in the CLIP towers (a variant they do "
-                          f"not implement: layer scale, attentional pooling, a timm or HF tower…): {unknown[:10]}")
-  return Derived(thunks, shapes)
-
-
-def _open_clip_config_json(path, tensors) -> dict:
-  """transformers-style config.json entries for an OpenCLIP checkpoint, from its open_clip_config.json."""
-  path = epath.Path(path)
-  file = (path if path.is_dir() else path.parent) / OPEN_CLIP_CONFIG
-  model = json.loads(file.read_text()).get("model_cfg", {}) if file.is_file() else {}
-  vision, text = model.get("vision_cfg", {}), model.get("text_cfg", {})
-  for tower, cfg in (("vision_cfg", vision), ("text_cfg", text)):
-    for key, ok in _OPEN_CLIP_UNSUPPORTED.items():
-      if key in cfg and cfg[key] not in (ok if isinstance(ok, tuple) else (ok,)):
-        raise ConversionError(f"{file}: model_cfg.{tower}.{key} = {cfg[key]!r} is an OpenCLIP option these CLIP "
-                              f"towers do not implement (supported: {ok!r})")
-  act = "quick_gelu" if model.get("quick_gelu") else "gelu"
-  out = {}
-  if "visual.conv1.weight" in tensors:
-    width, depth = shape_of(tensors, "visual.conv1.weight")[0], _layer_ids(tensors, r"visual\.transformer\.resblocks\.(\d+)\.")
-    # With a config, OpenCLIP's defaults (CLIPVisionCfg.head_width 64, CLIPTextCfg.heads 8) fill what it leaves out.
-    heads = width // vision.get("head_width", 64) if model else KNOWN_CLIP_VISION_HEADS.get((width, depth))
-    out["vision_config"] = {"hidden_act": act, **({"num_attention_heads": heads} if heads else {})}
-  # Text: pooled at argmax(ids) (OpenCLIP's pool_type "argmax"; eos_token_id 2 is transformers' flag for it).
-  out["text_config"] = {"hidden_act": act, "eos_token_id": 2,
-                        **({"num_attention_heads": text.get("heads", 8)} if model else {})}
-  return out
-
-
-def _transformers_layout(tensors, config_json, path):
-  """(tensors, config_json) in transformers' names: OpenCLIP checkpoints renamed, others as they are."""
-  if not is_open_clip(tensors):
-    return tensors, config_json
-  return open_clip_as_transformers(tensors), _open_clip_config_json(path, tensors)
-
-
 def load_clip_vision(path, shardings_for=None, **overrides):
   """(CLIPVisionConfig, params) from a transformers CLIP vision (or whole CLIP) checkpoint or an OpenCLIP one,
   file or directory."""
-  tensors, config_json = _transformers_layout(*load_safetensors(path, lazy=True), path)
+  tensors, config_json = open_clip_layout.as_transformers(*load_safetensors(path, lazy=True), path)
   cfg = infer_clip_vision_config(tensors, config_json, **overrides)
   return cfg, convert_clip_vision(tensors, cfg, shardings_for(cfg) if shardings_for else None)
 
@@ -376,7 +274,7 @@ def load_clip_vision(path, shardings_for=None, **overrides):
 def load_clip(path, shardings_for=None, part="clip_l", **overrides):
   """(CLIPTextConfig, params) from a transformers or OpenCLIP CLIP text checkpoint (file or directory), or the `part`
   (clip_l | clip_g) of an SD3 single-file checkpoint."""
-  tensors, config_json = _transformers_layout(*load_safetensors(path, lazy=True), path)
+  tensors, config_json = open_clip_layout.as_transformers(*load_safetensors(path, lazy=True), path)
   bundled, config_json = _bundled(tensors, config_json, part, path)
   if bundled is not tensors:  # no config.json: SD3's CLIP-L / bigG, pooled at argmax(ids) as SD3's reference does
     overrides = {"activation": SINGLE_FILE_CLIP_ACTIVATION[part], "eos_token_id": 2, **overrides}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit_jax.encoders import clip, clip_vision, convert, t5, vae
+from mmdit_jax.encoders import clip, clip_vision, convert, open_clip_layout, t5, vae
 from mmdit_jax.model import api
 from mmdit_jax.model.weights import ConversionError
 
@@ -104,7 +104,7 @@ def test_open_clip_checkpoint_matches_open_clip(tmp_path, quick_gelu, with_confi
   safetensors.torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
                               tmp_path / "open_clip_model.safetensors")
   if with_config:
-    (tmp_path / convert.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": {
+    (tmp_path / open_clip_layout.CONFIG).write_text(json.dumps({"model_cfg": {
         "embed_dim": 24, "quick_gelu": quick_gelu,
         "vision_cfg": {"image_size": 28, "patch_size": 7, "width": 64, "layers": 2, "head_width": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 99, "width": 64, "heads": 4, "layers": 2}}}))
@@ -136,7 +136,7 @@ def test_open_clip_variants_it_does_not_implement_are_errors(tmp_path):
   with pytest.raises(ConversionError, match=r"OpenCLIP tensors have no place.*ls_1\.gamma"):
     convert.load_clip_vision(tmp_path, num_heads=1)
   safetensors.torch.save_file(tensors, tmp_path / "open_clip_model.safetensors")
-  (tmp_path / convert.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": {"vision_cfg": {"pool_type": "avg"}}}))
+  (tmp_path / open_clip_layout.CONFIG).write_text(json.dumps({"model_cfg": {"vision_cfg": {"pool_type": "avg"}}}))
   with pytest.raises(ConversionError, match=r"vision_cfg\.pool_type = 'avg'"):
     convert.load_clip_vision(tmp_path, num_heads=1)
 
