@@ -145,6 +145,7 @@ def main():
     jax.profiler.stop_trace()
     print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
     _print_breakdown(args.profile, steps=3)
+    _print_torch_breakdown(torch_step, steps=3)
 
 
 # XLA CPU thunk names → what they are (docs/performance.md's table).
@@ -181,6 +182,36 @@ def _print_breakdown(directory, steps):
     ops[name] += e["dur"] / 1e3 / steps
   whole = sum(totals.values())
   print(f"XLA CPU threads, per step (thread-ms, summed over threads; {whole:.0f} in all):")
+  for category, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+    print(f"  {ms:7.1f}  {100 * ms / whole:4.1f} %  {category}")
+  print("largest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
+
+
+# PyTorch's CPU operators → the same categories (self time, so a composite op is not counted twice).
+TORCH_CATEGORIES = (("matmuls (mm, addmm, bmm, linear)", ("mm", "matmul", "linear", "bmm", "baddbmm")),
+                    ("attention kernel (SDPA, flash)", ("attention", "flash")),
+                    ("copies / transposes", ("copy", "clone", "contiguous", "transpose", "permute", "cat")),
+                    ("element-wise / reductions / optimizer", ("",)))
+
+
+def _print_torch_breakdown(torch_step, steps):
+  """Per-step self CPU time of the torch step's operators by category (torch.profiler), beside XLA's."""
+  import collections
+
+  import torch
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      torch_step()
+  totals, ops = collections.defaultdict(float), collections.defaultdict(float)
+  for e in prof.key_averages():
+    if e.self_cpu_time_total <= 0:
+      continue
+    name = e.key.lower()
+    category = next(c for c, keys in TORCH_CATEGORIES if any(k in name for k in keys))
+    totals[category] += e.self_cpu_time_total / 1e3 / steps
+    ops[e.key] += e.self_cpu_time_total / 1e3 / steps
+  whole = sum(totals.values())
+  print(f"torch operators, per step (self CPU ms; {whole:.0f} in all):")
   for category, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
     print(f"  {ms:7.1f}  {100 * ms / whole:4.1f} %  {category}")
   print("largest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))

@@ -18,7 +18,6 @@ Ulysses-style: see heads_layout.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -56,17 +55,8 @@ def dot_product_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v)
 
 
-def _mesh_in_use():
-  """The (abstract) mesh of jax.set_mesh, or None; readable inside jit."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh is None or mesh.empty else mesh
-
-
-def platform() -> str:
-  """The platform of the mesh in use (a compile-only TPU topology counts as TPU), else the default's."""
-  mesh = _mesh_in_use()
-  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
-  return device.platform if device is not None else jax.default_backend()
+_mesh_in_use = layers.mesh_in_use
+platform = layers.platform
 
 
 def _pad_seq(x, to):

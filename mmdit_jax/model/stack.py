@@ -88,8 +88,10 @@ class Stack(nnx.Module):
     if scan:
       return jax.lax.scan(body, carry, (state, active, xs))
     outs = []
+    # One split per stacked array (its transpose is one concatenate), not n slices (n pads of the gradient).
+    per_layer = jax.tree.map(lambda a: [p[0] for p in jnp.split(a, self.n)], (state, active, xs))
     for i in range(self.n):
-      sl = jax.tree.map(lambda a: a[i], (state, active, xs))
+      sl = jax.tree.map(lambda ps: ps[i], per_layer, is_leaf=lambda v: isinstance(v, list))
       carry, y = body(carry, sl)
       outs.append(y)
     return carry, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if collect else None)
