@@ -57,8 +57,8 @@ def linear_dot_general(x, kernel, dimension_numbers, precision=None, **kwargs):
   The same matmul, but its transpose then gives the kernel gradient as one 2-D xᵀ·dy, which XLA's CPU
   backend runs as a fast (N, in)ᵀ·(N, out) product. From the (B, S, in)ᵀ·(B, S, out) form it instead copies
   dy transposed and runs a much slower (in, N)·(out, N)ᵀ product: 51 against 173 GFLOP/s on one core for
-  (1024, 256)·(1024, 1024), and the whole demo-sized train step is 10 % faster
-  (benchmarks/train_step_vs_diffusers.py, docs/performance.md). With a mesh of several devices the
+  (1024, 256)·(1024, 1024), and benchmarks/train_step_vs_diffusers.py's whole train step (width 256,
+  4 layers) is 10 % faster (docs/performance.md). With a mesh of several devices the
   N-D form is kept, so that GSPMD never has to reshard a merged batch × sequence axis.
   """
   mesh = mesh_in_use()

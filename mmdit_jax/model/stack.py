@@ -89,9 +89,10 @@ class Stack(nnx.Module):
       return jax.lax.scan(body, carry, (state, active, xs))
     outs = []
     # One split per stacked array (its transpose is one concatenate), not n slices (n pads of the gradient).
-    per_layer = jax.tree.map(lambda a: [p[0] for p in jnp.split(a, self.n)], (state, active, xs))
+    leaves, treedef = jax.tree.flatten((state, active, xs))
+    splits = [jnp.split(a, self.n) for a in leaves]
     for i in range(self.n):
-      sl = jax.tree.map(lambda ps: ps[i], per_layer, is_leaf=lambda v: isinstance(v, list))
+      sl = treedef.unflatten([s[i][0] for s in splits])
       carry, y = body(carry, sl)
       outs.append(y)
     return carry, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if collect else None)
