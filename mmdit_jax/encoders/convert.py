@@ -150,25 +150,24 @@ def _layer_ids(tensors, pattern):
 
 # CLIP text (transformers CLIPTextModel / CLIPTextModelWithProjection).
 
-# What shapes cannot tell, for the checkpoints SD3 uses: (width, depth) → activation.
-KNOWN_CLIP = {(768, 12): "quick_gelu",  # OpenAI CLIP-L/14
-              (1280, 32): "gelu"}  # OpenCLIP bigG/14
+# What shapes cannot tell, for the checkpoints SD3 uses: (width, depth) → config.json entries, which a
+# checkpoint's own config.json overrides.
+KNOWN_CLIP = {(768, 12): {"hidden_act": "quick_gelu"},  # OpenAI CLIP-L/14
+              (1280, 32): {"hidden_act": "gelu"}}  # OpenCLIP bigG/14
 
 
-def _clip_activation(config_json, known, width, depth, overrides, tower):
-  """hidden_act from config.json, else from the known checkpoints' (width, depth), else an override."""
-  act = config_json.get("hidden_act") or known.get((width, depth))
+def _clip_activation(config_json, width, depth, overrides, tower):
+  """hidden_act from config.json (or a known checkpoint's entries), else an override."""
+  act = config_json.get("hidden_act")
   if act is None and "activation" not in overrides:
     raise ConversionError(f"CLIP {tower} width {width}, depth {depth} is not a known checkpoint and no config.json "
                           "gives hidden_act; pass activation= one of quick_gelu, gelu")
   return act
 
 
-def _clip_heads(config_json, width, overrides, tower, known=None) -> int:
-  """num_attention_heads from config.json, else from a known checkpoint's shape (`known`), else CLIP's head
-  dim 64 (an override wins in the caller)."""
-  if known is not None:
-    config_json = {"num_attention_heads": known, **config_json}
+def _clip_heads(config_json, width, overrides, tower) -> int:
+  """num_attention_heads from config.json (or a known checkpoint's entries), else CLIP's head dim 64 (an
+  override wins in the caller)."""
   if "num_attention_heads" not in config_json and width % 64 and "num_heads" not in overrides:
     raise ConversionError(f"CLIP {tower} width {width}: heads are unknown without config.json (CLIP uses head dim "
                           "64, which does not divide it); pass num_heads=")
@@ -185,7 +184,8 @@ def infer_clip_config(tensors, config_json=None, **overrides) -> CLIPTextConfig:
   p = _clip_prefix(tensors)
   vocab, width = shape_of(tensors, f"{p}embeddings.token_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-  act = _clip_activation(config_json, KNOWN_CLIP, width, depth, overrides, "text")
+  config_json = {**KNOWN_CLIP.get((width, depth), {}), **config_json}
+  act = _clip_activation(config_json, width, depth, overrides, "text")
   proj = shape_of(tensors, "text_projection.weight") if "text_projection.weight" in tensors else None
   cfg = dict(vocab_size=vocab, width=width, depth=depth, num_heads=_clip_heads(config_json, width, overrides, "text"),
              mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0],
@@ -220,9 +220,9 @@ def convert_clip(tensors, cfg: CLIPTextConfig, shardings=None):
 
 # CLIP vision (transformers CLIPVisionModelWithProjection; a full CLIPModel's file works too).
 
-KNOWN_CLIP_VISION = {(1024, 24): "quick_gelu",  # OpenAI ViT-L/14
-                     (1664, 48): "gelu"}  # OpenCLIP ViT-bigG/14
-KNOWN_CLIP_VISION_HEADS = {(1664, 48): 16}  # bigG/14's heads are 104 wide, not CLIP's usual 64
+KNOWN_CLIP_VISION = {(1024, 24): {"hidden_act": "quick_gelu"},  # OpenAI ViT-L/14
+                     # OpenCLIP ViT-bigG/14: its heads are 104 wide, not CLIP's usual 64
+                     (1664, 48): {"hidden_act": "gelu", "num_attention_heads": 16}}
 
 
 def infer_clip_vision_config(tensors, config_json=None, **overrides) -> CLIPVisionConfig:
@@ -231,13 +231,14 @@ def infer_clip_vision_config(tensors, config_json=None, **overrides) -> CLIPVisi
   p = "vision_model."
   width, _, patch, _ = shape_of(tensors, f"{p}embeddings.patch_embedding.weight")
   depth = _layer_ids(tensors, rf"{re.escape(p)}encoder\.layers\.(\d+)\.")
-  act = _clip_activation(config_json, KNOWN_CLIP_VISION, width, depth, overrides, "vision")
+  config_json = {**KNOWN_CLIP_VISION.get((width, depth), {}), **config_json}
+  act = _clip_activation(config_json, width, depth, overrides, "vision")
   positions = shape_of(tensors, f"{p}embeddings.position_embedding.weight")[0]
   side = round((positions - 1) ** 0.5)
   if side * side != positions - 1:
     raise ConversionError(f"{p}embeddings.position_embedding.weight has {positions} rows, not a square grid + 1")
   cfg = dict(image_size=side * patch, patch_size=patch, width=width, depth=depth,
-             num_heads=_clip_heads(config_json, width, overrides, "vision", KNOWN_CLIP_VISION_HEADS.get((width, depth))),
+             num_heads=_clip_heads(config_json, width, overrides, "vision"),
              mlp_width=shape_of(tensors, f"{p}encoder.layers.0.mlp.fc1.weight")[0], activation=act,
              projection_dim=shape_of(tensors, "visual_projection.weight")[0],
              eps=float(config_json.get("layer_norm_eps", 1e-5)))
