@@ -180,8 +180,13 @@ def _print_breakdown(directory, steps):
     category = next(c for c, keys in CATEGORIES if any(k in name for k in keys))
     totals[category] += e["dur"] / 1e3 / steps
     ops[name] += e["dur"] / 1e3 / steps
+  _print_table("XLA CPU threads, per step (thread-ms, summed over threads; {:.0f} in all):", totals, ops)
+
+
+def _print_table(title, totals, ops):
+  """A breakdown by category (title formatted with the sum) and the 8 largest ops."""
   whole = sum(totals.values())
-  print(f"XLA CPU threads, per step (thread-ms, summed over threads; {whole:.0f} in all):")
+  print(title.format(whole))
   for category, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
     print(f"  {ms:7.1f}  {100 * ms / whole:4.1f} %  {category}")
   print("largest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
@@ -210,11 +215,7 @@ def _print_torch_breakdown(torch_step, steps):
     category = next(c for c, keys in TORCH_CATEGORIES if any(k in name for k in keys))
     totals[category] += e.self_cpu_time_total / 1e3 / steps
     ops[e.key] += e.self_cpu_time_total / 1e3 / steps
-  whole = sum(totals.values())
-  print(f"torch operators, per step (self CPU ms; {whole:.0f} in all):")
-  for category, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
-    print(f"  {ms:7.1f}  {100 * ms / whole:4.1f} %  {category}")
-  print("largest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
+  _print_table("torch operators, per step (self CPU ms; {:.0f} in all):", totals, ops)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,7 @@ def dot_product_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v)
 
 
-_mesh_in_use = layers.mesh_in_use
-platform = layers.platform
+platform = layers.platform  # (the mesh in use decides: a TPU topology compiled from a CPU machine is TPU)
 
 
 def _pad_seq(x, to):
@@ -86,7 +85,7 @@ def splash_attention(q, k, v, *, block_q: int = 512, block_kv: int = 512):
     out = jax.vmap(functools.partial(kernel, segment_ids=segments))(heads_first(q), heads_first(k), heads_first(v))
     return heads_first(out)
 
-  mesh, rules = _mesh_in_use(), dict(flax_spmd.get_logical_axis_rules() or ())
+  mesh, rules = layers.mesh_in_use(), dict(flax_spmd.get_logical_axis_rules() or ())
   if mesh is None or not rules:
     return local(q, k, v)[:, :sq]
   spec = jax.sharding.PartitionSpec(rules.get("act_batch"), None, rules.get("act_attn_heads"), None)
