@@ -87,17 +87,16 @@ def main():
   n_val = int(round(len(captions) * args.held_out))
   counts = {}
   for split, rows in (("validation", range(n_val)), ("train", range(n_val, len(captions)))):
-    split_pairs = [pair for i in rows for pair in pairs[i]]
-    counts[split] = len(split_pairs)
+    counts[split] = sum(len(pairs[i]) for i in rows)
     extras = {"preference_pairs": True, inputs.DEMO_TASK: "text",
               "source": f"samples of {args.base} judged by the demo checker (preferred: {args.preferred})"}
     with demo.text_writer(pathlib.Path(args.out) / split, demo.pair_features(images.shape[2]),
                           f"demo_pairs_onpolicy-{split}", encoder, extras) as w:
-      for i, good, bad in split_pairs:
-        context, pooled = encoder(captions[i])
-        w.write({"latent": (rendered[i] if good < 0 else images[i, good]).astype(np.float16), "context": context,
-                 "pooled": pooled,
-                 "latent_rejected": images[i, bad].astype(np.float16)})
+      for i in rows:  # the caption's embeddings once for all its pairs
+        context, pooled = encoder(captions[i]) if pairs[i] else (None, None)
+        for _, good, bad in pairs[i]:
+          w.write({"latent": (rendered[i] if good < 0 else images[i, good]).astype(np.float16), "context": context,
+                   "pooled": pooled, "latent_rejected": images[i, bad].astype(np.float16)})
   report = {"base": args.base, "captions": len(captions), "per_caption": images.shape[1],
             "accuracy_all": float(np.mean([[r["all"] for r in row] for row in checks])),
             "whole_scene_accuracy": float(whole.mean()), "mean_reward": float(reward.mean()), "preferred": args.preferred,
