@@ -6,13 +6,14 @@ passes agree to float32 rounding (checked and printed). The steps are timed inte
 …) on this machine's CPU, and the medians of `--repeats` runs are compared, so a background load hits both.
 
 Usage: python benchmarks/train_step_vs_diffusers.py [--depth 4 --width 256 --latent 32 --batch 4
-                                                     --repeats 10 --profile DIR]
+                                                     --repeats 10 --profile DIR --cpu_reuse_memory 1]
   --profile DIR: also writes a JAX profiler trace of 3 steps (TensorBoard / Perfetto) and prints the
   compiled step's own cost analysis (FLOPs, bytes) — the inputs of docs/performance.md.
 """
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mmdit_jax import flow, model  # noqa: E402
+from mmdit_jax import cpu_runtime, flow, model  # noqa: E402
 from mmdit_jax.model import convert  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main():
   parser.add_argument("--context_dim", type=int, default=512)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each before the timed ones")
   parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
   parser.add_argument("--remat", default="dots_no_batch",
                       help="config.model.remat for the JAX model (dots_no_batch: the demo presets' CPU setting)")
@@ -43,7 +45,11 @@ def main():
                       help="with --remat=names: the checkpoint names saved (config.model.remat_names)")
   parser.add_argument("--scan_layers", type=int, default=1, help="config.model.scan_layers for the JAX model")
   parser.add_argument("--profile", default="", help="directory for a JAX profiler trace of 3 steps")
+  parser.add_argument("--cpu_reuse_memory", type=int, default=1,
+                      help="mmdit_jax.cpu_runtime as main.py sets it (1, its default): steps on the calling "
+                           "thread, freed memory kept; 0: JAX's asynchronous dispatch and glibc's defaults")
   args = parser.parse_args()
+  kept = cpu_runtime.configure(bool(args.cpu_reuse_memory))  # before JAX creates its backends
 
   import torch
   from diffusers import SD3Transformer2DModel
@@ -113,29 +119,40 @@ def main():
     loss.backward()
     opt.step()
 
-  def timed(fn):
+  usage = {"jax": [0, 0.0], "torch": [0, 0.0]}  # minor page faults, kernel CPU seconds
+
+  def timed(fn, name):
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage[name][0] += after.ru_minflt - before.ru_minflt
+    usage[name][1] += after.ru_stime - before.ru_stime
+    return took
 
-  jax_step(), torch_step()  # warm-up (allocators, thread pools)
+  for _ in range(args.warmup):  # allocators reach their working set (each side's heap grows for a few steps)
+    jax_step(), torch_step()
   jax_s, torch_s = [], []
   for _ in range(args.repeats):
-    jax_s.append(timed(jax_step))
-    torch_s.append(timed(torch_step))
+    jax_s.append(timed(jax_step, "jax"))
+    torch_s.append(timed(torch_step, "torch"))
   jax_med, torch_med = statistics.median(jax_s), statistics.median(torch_s)
+  faults = {k: f"{v[0] / args.repeats:.0f} page faults, {v[1] / args.repeats * 1e3:.0f} ms kernel CPU per step"
+            for k, v in usage.items()}
 
   flops = model.train_flops(cfg, s, s, args.text_tokens) * b
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   print(f"config: depth={args.depth} width={args.width} heads={heads} latent={s}x{s}x{c} "
         f"tokens={(s // 2) ** 2}+{args.text_tokens} batch={b} params={model.param_count(cfg) / 1e6:.1f}M "
-        f"attention={args.attention} scan_layers={cfg.scan_layers} remat={cfg.remat}; same weights (forward rel. error {rel:.1e})")
+        f"attention={args.attention} scan_layers={cfg.scan_layers} remat={cfg.remat} cpu_reuse_memory={int(kept)}; "
+        f"same weights (forward rel. error {rel:.1e})")
   print(f"jax   : median {jax_med * 1e3:7.1f} ms/step (min {min(jax_s) * 1e3:.1f}, {flops / jax_med / 1e9:.1f} GFLOP/s "
         f"model; XLA counts {cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e9:.2f} GB "
-        f"per step; compile {compile_s:.1f} s)")
+        f"per step; compile {compile_s:.1f} s; {faults['jax']})")
   print(f"torch : median {torch_med * 1e3:7.1f} ms/step (min {min(torch_s) * 1e3:.1f}, "
-        f"{flops / torch_med / 1e9:.1f} GFLOP/s; {torch.get_num_threads()} threads)")
+        f"{flops / torch_med / 1e9:.1f} GFLOP/s; {torch.get_num_threads()} threads; {faults['torch']})")
   print(f"ratio mmdit_jax / (diffusers + torch): {jax_med / torch_med:.2f} (median of {args.repeats} interleaved)")
 
   if args.profile:

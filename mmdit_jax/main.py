@@ -25,6 +25,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Persistent XLA compilation cache directory ('' disables); default "
     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/mmdit_jax/xla.")
+_CPU_REUSE_MEMORY = flags.DEFINE_boolean(
+    "cpu_reuse_memory", True, "On the CPU backend, run each single-device step on the calling thread and keep "
+    "freed memory in the process, so a step reuses the last one's memory instead of page-faulting it in "
+    "(mmdit_jax/cpu_runtime.py); --nocpu_reuse_memory keeps JAX's asynchronous dispatch and glibc's defaults.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line (plain "
                                     "text, or JSON {\"prompt\", \"negative_prompt\", \"seed\"}).")
@@ -131,6 +135,8 @@ def _run():
   if _MODE.value != "compile":
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value)
+    from mmdit_jax import cpu_runtime
+    cpu_runtime.configure(_CPU_REUSE_MEMORY.value)  # creates the backends: after distributed.initialize
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value)
   except OSError as e:  # config_flags defers a missing or unloadable file to its first use (no other I/O here)

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmdit_jax import data, evaluate, inputs, model, parallel, paths, pretrained
+from mmdit_jax import cpu_runtime, data, evaluate, inputs, model, parallel, paths, pretrained
 from mmdit_jax.checkpoint import Checkpointer
 from mmdit_jax.config import TrainConfig, check_mesh_and_batch
 from mmdit_jax.errors import ConfigError, UserError
@@ -183,7 +183,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
       if order_log is not None:
         order_log.write(json.dumps({"step": step, "index": batch["index"].tolist()}) + "\n")
         order_log.flush()  # a debugging aid: complete even when the process is killed
-      gbatch = parallel.to_global({k: v for k, v in batch.items() if k not in data.HOST_ONLY}, mesh)
+      gbatch = cpu_runtime.ready(parallel.to_global({k: v for k, v in batch.items() if k not in data.HOST_ONLY},
+                                                    mesh))
       if step == start:
         log("compiling the train step…")
         compile_start = time.perf_counter()

@@ -18,6 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study.py[:arg
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study directory (local or gs://).")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: this process trains and scores runs i, i + n, …")
 _STAGE = flags.DEFINE_enum("stage", "all", ["all", "train", "rank"], "all; train (and select) only; rank only.")
+_CPU_REUSE_MEMORY = flags.DEFINE_boolean(
+    "cpu_reuse_memory", True, "As mmdit_jax.main's: on the CPU backend, steps run on the calling thread and "
+    "freed memory stays in the process (mmdit_jax/cpu_runtime.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +32,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax
 
+  from mmdit_jax import cpu_runtime
   from mmdit_jax.paths import compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())  # runs of a study share their programs
+  cpu_runtime.configure(_CPU_REUSE_MEMORY.value)
   from mmdit_jax.study import runner
   try:
     table = runner.run_study(_CONFIG.value, _WORKDIR.value, _SHARD.value, _STAGE.value)
