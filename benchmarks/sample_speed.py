@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from configs import rf_lognorm  # noqa: E402
 from mmdit_jax import config as config_lib  # noqa: E402
-from mmdit_jax import evaluate, model  # noqa: E402
+from mmdit_jax import cpu_runtime, evaluate, model  # noqa: E402
 from mmdit_jax.metrics import PEAK_FLOPS, peak_flops  # noqa: E402
 
 
@@ -39,7 +39,10 @@ def main():
   parser.add_argument("--text_tokens", type=int, default=154)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--flops_only", action="store_true", help="print the analytic cost only")
+  parser.add_argument("--cpu_reuse_memory", type=int, default=1,
+                      help="mmdit_jax.cpu_runtime as main.py sets it (1, its default); 0: JAX's and glibc's defaults")
   args = parser.parse_args()
+  cpu_runtime.configure(bool(args.cpu_reuse_memory))  # before JAX creates its backends
 
   c = rf_lognorm.get_config(f"size={args.size}")
   c.sample.steps, c.sample.guidance = args.steps, args.guidance

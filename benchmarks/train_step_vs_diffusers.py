@@ -161,7 +161,7 @@ def main():
       jax_step()
     jax.profiler.stop_trace()
     print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
-    _print_breakdown(args.profile, steps=3)
+    _print_breakdown(args.profile, steps=3, thunks=_thunks(compiled.as_text()))
     _print_torch_breakdown(torch_step, steps=3)
 
 
@@ -173,8 +173,17 @@ CATEGORIES = (("matmuls (ynn_fusion, dot)", ("ynn", "dot", "convolution")),
               ("element-wise fusions", ("",)))
 
 
-def _print_breakdown(directory, steps):
-  """Per-step time of the compiled step's ops by category, summed over XLA's CPU threads, from the trace."""
+def _thunks(hlo_text):
+  """The compiled program's instructions that the CPU runtime runs as one op (loops and calls excluded:
+  their trace events span the ops inside them)."""
+  import re
+  found = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*?\b([a-z\-]+)\(", hlo_text, flags=re.M)
+  return {name for name, opcode in found if opcode not in ("while", "call", "conditional")}
+
+
+def _print_breakdown(directory, steps, thunks):
+  """Per-step time of the compiled step's ops by category, summed over the threads that ran them (XLA's
+  worker threads, and the calling thread for ops run inline), from the trace."""
   import collections
   import glob
   import gzip
@@ -185,19 +194,15 @@ def _print_breakdown(directory, steps):
     print("(no trace file to break down)")
     return
   events = json.load(gzip.open(files[-1]))["traceEvents"]
-  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
   totals, ops = collections.defaultdict(float), collections.defaultdict(float)
   for e in events:
-    if e.get("ph") != "X" or "XLAEigen" not in threads.get((e["pid"], e.get("tid")), ""):
+    if e.get("ph") != "X" or e["name"] not in thunks:
       continue
     name = e["name"]
-    if name.startswith(("ThunkExecutor", "SlinkyThreadPool", "while")):
-      continue
     category = next(c for c, keys in CATEGORIES if any(k in name for k in keys))
     totals[category] += e["dur"] / 1e3 / steps
     ops[name] += e["dur"] / 1e3 / steps
-  _print_table("XLA CPU threads, per step (thread-ms, summed over threads; {:.0f} in all):", totals, ops)
+  _print_table("XLA CPU ops, per step (thread-ms, summed over threads; {:.0f} in all):", totals, ops)
 
 
 def _print_table(title, totals, ops):
