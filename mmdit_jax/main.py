@@ -135,8 +135,6 @@ def _run():
   if _MODE.value != "compile":
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value)
-    from mmdit_jax import cpu_runtime
-    cpu_runtime.configure(_CPU_REUSE_MEMORY.value)  # creates the backends: after distributed.initialize
   try:
     cfg = config_lib.from_config_dict(_CONFIG.value)
   except OSError as e:  # config_flags defers a missing or unloadable file to its first use (no other I/O here)
@@ -144,6 +142,9 @@ def _run():
                     f"{str(e).strip().splitlines()[-1].strip()}") from e
   from mmdit_jax import inputs, sample, train
   cfg = inputs.with_latent_downsample(cfg)  # (config.shift_base_resolution: α per bucket needs pixels per latent)
+  if _MODE.value != "compile":  # after the config's checks: this creates the backends
+    from mmdit_jax import cpu_runtime
+    cpu_runtime.configure(_CPU_REUSE_MEMORY.value)
   if _MODE.value == "train":
     summary = train.train_and_evaluate(cfg, _WORKDIR.value)
     if summary.get("stopped"):
