@@ -132,6 +132,7 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int, flops_per_step: float, batch_size: int):
     self.total, self.flops_per_step, self.batch = total_steps, flops_per_step, batch_size
+    self.start, self.excluded = start_step, 0.0
     self.restart(start_step)
     self.devices = jax.device_count()
     self.peak = peak_flops(jax.devices()[0].device_kind)
@@ -142,6 +143,12 @@ class Progress:
   def restart(self, step: int):
     """Measure from now and `step` on (after the first step's compilation)."""
     self.last_step, self.last_time, self.waited, self.bound_logs = step, time.perf_counter(), 0.0, 0
+
+  def exclude(self, seconds: float):
+    """Time between steps spent on something else (validation, samples, a checkpoint's start): left out of
+    the step rate, and spread over the steps so far in the ETA, which so counts the evaluations to come."""
+    self.last_time += seconds
+    self.excluded += seconds
 
   def waited_for_input(self, seconds: float):
     """Time the loop spent waiting for the next batch (added up until the next update)."""
@@ -167,7 +174,7 @@ class Progress:
     return {"perf/step_time_s": dt, "perf/examples_per_s": self.batch / dt,
             "perf/model_tflops_per_device": tflops,
             "perf/mfu": (tflops * 1e12 / self.peak) if self.peak else None,
-            "perf/eta_s": (self.total - step) * dt,
+            "perf/eta_s": (self.total - step) * (dt + self.excluded / (step - self.start)),
             "perf/data_wait_s": wait, "perf/data_wait_fraction": fraction}
 
   def line(self, step: int, loss: float, perf: dict) -> str:

@@ -224,6 +224,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
             + (f" | replaced {skipped_records} damaged records" if skipped_records else ""))
         bin_sum[:], bin_count[:] = 0, 0
         summary["loss"] = float(m["loss"])
+      between = time.perf_counter()
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
         evaluate_now(step)
       if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.total_steps:
@@ -231,6 +232,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir) -> dict:
       reason = "preemption" if preempted(step) else "halt_at_step" if step == cfg.debug.halt_at_step else None
       if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or reason:
         ckpt.save(step, checkpointed(state), {"iterator": iterator.get_state()})
+      progress.exclude(time.perf_counter() - between)  # the step rate is the steps' own
       if reason:
         ckpt.wait()
         log(f"stopping at step {step} ({reason}); checkpoint saved — run the same command to resume")

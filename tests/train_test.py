@@ -242,6 +242,20 @@ def test_progress_reports_input_wait(capsys):
   assert "input-bound" in capsys.readouterr().err
 
 
+def test_progress_leaves_evaluations_out_of_the_rate_and_spreads_them_over_the_eta():
+  from mmdit_jax.metrics import Progress
+  p = Progress(total_steps=100, start_step=0, flops_per_step=1e9, batch_size=8)
+  p.last_time -= 1.0  # 10 steps in 1 s …
+  p.update(10)
+  p.last_time -= 1.0  # … then 10 more in 1 s, and a 5 s evaluation between them
+  p.last_time -= 5.0
+  p.exclude(5.0)
+  perf = p.update(20)
+  assert abs(perf["perf/step_time_s"] - 0.1) < 0.01  # the steps' own rate
+  # 80 steps to go at 0.1 s, plus 5 s of evaluation per 20 steps so far: 80 × 0.35 s
+  assert abs(perf["perf/eta_s"] - 28.0) < 0.5
+
+
 def test_the_shift_follows_each_aspect_bucket_with_one_program_each(tmp_path, caplog):
   """config.shift_base_resolution: α = √(H·W / base²) per aspect bucket (SD3 §5.3.2) — in the drawn t, the logged
   metrics and the sampling grid — one compiled program per bucket, and both processes of a 2-process run
