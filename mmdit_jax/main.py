@@ -28,7 +28,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 _CPU_REUSE_MEMORY = flags.DEFINE_boolean(
     "cpu_reuse_memory", True, "On the CPU backend, run each single-device step on the calling thread and keep "
     "freed memory in the process, so a step reuses the last one's memory instead of page-faulting it in "
-    "(mmdit_jax/cpu_runtime.py); --nocpu_reuse_memory keeps JAX's asynchronous dispatch and glibc's defaults.")
+    "(mmdit_jax/cpu_runtime.py; the process then keeps its peak memory); --nocpu_reuse_memory keeps JAX's "
+    "asynchronous dispatch and glibc's defaults.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "--mode=sample: a file of prompts, one per line (plain "
                                     "text, or JSON {\"prompt\", \"negative_prompt\", \"seed\"}).")
