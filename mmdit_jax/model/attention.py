@@ -57,9 +57,6 @@ def dot_product_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v)
 
 
-platform = layers.platform  # (the mesh in use decides: a TPU topology compiled from a CPU machine is TPU)
-
-
 def _pad_seq(x, to):
   return jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
 
@@ -76,7 +73,7 @@ def splash_attention(q, k, v, *, block_q: int = 512, block_kv: int = 512):
                                kv=(jnp.arange(pkv) < skv).astype(jnp.int32))
   blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-  interpret = platform() != "tpu"
+  interpret = layers.platform() != "tpu"  # (a TPU topology compiled from a CPU machine is TPU)
 
   def local(q, k, v):  # this device's (B, S, H, K) blocks
     mask = splash.MultiHeadMask([splash.FullMask((pq, pkv))] * q.shape[2])
@@ -94,7 +91,7 @@ def splash_attention(q, k, v, *, block_q: int = 512, block_kv: int = 512):
 
 
 def auto_attention(q, k, v, **blocks):
-  kind = platform()
+  kind = layers.platform()
   if kind == "tpu":
     return splash_attention(q, k, v, **blocks)
   if kind == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mmdit_jax import model, parallel
-from mmdit_jax.model import attention
+from mmdit_jax.model import attention, layers
 from tests.model.model_test import CFG, _inputs, _randomize
 
 
@@ -40,7 +40,7 @@ def test_mmdit_with_splash_on_a_mesh_matches_xla():
   mesh = parallel.make_mesh((2, 2, 1, 2))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.DEFAULT_RULES):
     got = jax.jit(lambda p: model.forward(cfg, p, latents, t, cond))(params)
-    assert attention.platform() == "cpu"
+    assert layers.platform() == "cpu"
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   auto = dataclasses.replace(CFG, attention="auto")
   np.testing.assert_array_equal(jax.jit(lambda p: model.forward(auto, p, latents, t, cond))(params), want)
