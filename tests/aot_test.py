@@ -94,7 +94,7 @@ def test_missing_libtpu_says_how_to_install_it(monkeypatch):
 
 
 def _compile(tmp_path, topology, *flags):
-  proc = subprocess.run(helpers.main_cmd(tmp_path, "--mode=compile", f"--topology={topology}", "--config.model.depth=2",
+  proc = subprocess.run(helpers.main_cmd(tmp_path, "--mode=compile", f"--topology={topology}", "--config.model.depth=1",
                                          "--config.model.hidden_size=64", *flags),
                         cwd=helpers.ROOT, env={**helpers.env(devices=1), "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"},
                         capture_output=True, text=True, timeout=600)
@@ -123,7 +123,7 @@ def test_compile_mode_for_a_tpu_topology(tmp_path):
   # with the low-res input.
   sr = {"sr.factor": 2, "model.lowres_channels": 3, "data.demo_size": 64, "model.sample_size": 64,
         "model.pos_embed_max_size": 8, "sample.steps": 2}
-  single = aot.compile_report(helpers.config(**{"model.depth": 2, "model.hidden_size": 64, "mesh.ici.data": -1, **sr}),
+  single = aot.compile_report(helpers.config(**{"model.depth": 1, "model.hidden_size": 64, "mesh.ici.data": -1, **sr}),
                               "v5e:1x1")
   assert single["fits"] and all(v["count"] == 0 for k, v in single["collectives"].items() if isinstance(v, dict))
   assert "error" not in single["sample"] and single["sample"]["total_gib"] > 0

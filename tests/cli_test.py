@@ -102,15 +102,15 @@ def test_bad_input_is_one_paragraph_without_traceback(tmp_path, flags, match):
 @pytest.mark.slow
 def test_readme_main_command(tmp_path):
   """The README's main command, verbatim on the embedded default, cut to keep the suite short — 20 of its
-  steps (logged every 5), one validation batch, 16 end-of-run samples of 8 steps (the full run's time is
-  measured outside the suite): it runs, the loss falls, it leaves validation results and a sample grid,
-  and every line it prints appears once."""
+  steps (logged every 5) on batches of 8, one validation batch, 16 end-of-run samples of 8 steps (the full
+  run's time is measured outside the suite): it runs, the loss falls, it leaves validation results and a
+  sample grid, and every line it prints appears once."""
   readme = (helpers.ROOT / "README.md").read_text()
   command = "python -m mmdit_jax.main --config=configs/rf_lognorm.py --workdir="
   assert command in readme
   start = time.time()
-  cuts = ("--config.total_steps=20", "--config.log_every=5", "--config.eval_batches=1",
-          "--config.eval.num_samples=16", "--config.sample.steps=8")
+  cuts = ("--config.total_steps=20", "--config.log_every=5", "--config.data.global_batch_size=8",
+          "--config.eval_batches=1", "--config.eval.num_samples=16", "--config.sample.steps=8")
   proc = subprocess.run(helpers.main_cmd(tmp_path / "wd", *cuts),
                         cwd=helpers.ROOT, env=helpers.env(devices=1), capture_output=True,
                         text=True, timeout=600)

@@ -18,16 +18,8 @@ from mmdit_jax.state import FROZEN, restore_for_eval
 from mmdit_jax.train_step import dpo_losses
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("finetune")  # (one worker trains the base these tests adapt, once)
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The tiny config trained for 8 steps: the base every test here adapts (its own, not the session's
-  straight run, so that this module can run on either worker)."""
-  workdir = tmp_path_factory.mktemp("base")
-  assert train.train_and_evaluate(helpers.config(), workdir)["step"] == helpers.STEPS
-  return workdir, None
+# The base these tests adapt is the session's straight run (tests/conftest.py), trained once on its worker.
+pytestmark = pytest.mark.xdist_group("straight")
 
 
 def _base_params(workdir):
