@@ -96,18 +96,26 @@ def test_reference_sampling_presets():
 
 
 def test_configs_load_from_any_working_directory(tmp_path):
-  code = ("from ml_collections import config_flags; from absl import flags; import sys;"
-          "config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv);"
-          "from mmdit_jax import config; print(config.from_config_dict(flags.FLAGS.config).model.depth)")
-  for arg in ("configs/rf_lognorm.py:size=2b", "configs/dit.py:variant=B/4", "configs/precompute.py"):
-    proc = subprocess.run([sys.executable, "-c", code, f"--config={helpers.ROOT / arg}"], cwd=tmp_path,
-                          env={k: v for k, v in helpers.env().items() if k != "PYTHONPATH"}, capture_output=True,
-                          text=True, timeout=120)
-    if arg.startswith("configs/precompute"):  # not a training config: it loads, and says so
-      assert "config has unknown fields" in proc.stderr, proc.stderr[-2000:]
-    else:
-      assert proc.returncode == 0, proc.stderr[-2000:]
-      assert proc.stdout.strip() == ("24" if "2b" in arg else "12")
+  """Each config file loads through --config from another working directory (one process parses all three)."""
+  args = ("configs/rf_lognorm.py:size=2b", "configs/dit.py:variant=B/4", "configs/precompute.py")
+  code = ("from ml_collections import config_flags; from absl import flags; import sys\n"
+          "config_flags.DEFINE_config_file('config')\n"
+          "from mmdit_jax import config\n"
+          "for arg in sys.argv[1:]:\n"
+          "  flags.FLAGS(['load', '--config=' + arg])\n"
+          "  try:\n"
+          "    print(arg, config.from_config_dict(flags.FLAGS.config).model.depth)\n"
+          "  except Exception as e:\n"
+          "    print(arg, 'error:', str(e).splitlines()[0])\n")
+  proc = subprocess.run([sys.executable, "-c", code, *(str(helpers.ROOT / a) for a in args)], cwd=tmp_path,
+                        env={k: v for k, v in helpers.env().items() if k != "PYTHONPATH"}, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+  assert list(lines) == [str(helpers.ROOT / a) for a in args], proc.stdout
+  rf, dit, precompute = lines.values()
+  assert rf == "24" and dit == "12"
+  assert precompute.startswith("error:") and "config has unknown fields" in precompute  # not a training config
 
 
 def test_xla_flag_presets(monkeypatch):
