@@ -38,9 +38,10 @@ def _probe(enabled: bool) -> dict:
 def test_large_temporaries_are_reused_only_when_configured():
   on, off = _probe(True), _probe(False)
   assert on["configured"] == "True" and off["configured"] == "False"
-  # 64 MiB is 16384 pages: faulted in on every run by default, not at all once the memory is kept.
+  # 64 MiB is 16384 pages: faulted in on every run by default, not again once the memory is kept (0.25 per
+  # run on an idle machine; 2,048 once in a suite on a heavily loaded one, still an eighth of the block).
   assert float(off["faults_per_run"]) > 8000, off
-  assert float(on["faults_per_run"]) < 500, on
+  assert float(on["faults_per_run"]) < 4096, on
 
 
 def test_ready_waits_only_when_inline(monkeypatch):
