@@ -33,6 +33,20 @@ def _randomize(params, seed=0, scale=0.2):
   return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(x.shape)).astype(np.float32), params)
 
 
+def test_init_draws_the_keys_of_plain_nnx_rngs():
+  """model.init counts its RNG draws on the host (model/api.py) and must draw what nnx.Rngs(params=key) draws:
+  the parameters equal those of a module built with flax's own streams (its scanned stack included)."""
+  cfg = CFG
+  def plain(key):
+    with nnx.use_eager_sharding(False):
+      return nnx.split(cfg.make(nnx.Rngs(params=key)), nnx.Param)[1]
+  key = jax.random.key(3)
+  want, got = jax.jit(plain)(key), model.init(cfg, key)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_adaln_zero_blocks_are_identity_at_init():
   cfg = CFG
   params = model.init(cfg, jax.random.key(0))
