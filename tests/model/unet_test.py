@@ -159,8 +159,10 @@ def test_analytic_flops_match_xla(layout):
 def test_remat_gives_the_same_values_and_gradients_inside_loops():
   """A remat policy changes memory, not numbers — also inside a loop (the sampler's), where a block's
   parameters come from outside the traced body."""
-  plain = unet.UNetConfig(**SMALL)
-  remat = unet.UNetConfig(**SMALL, remat="full")
+  two_levels = {**SMALL, "channel_mult": (1, 2), "num_res_blocks": (1, 1), "attn_levels": (False, True),
+                "cross_attn_levels": (False, True)}  # (a residual, an attention and a cross-attention block)
+  plain = unet.UNetConfig(**two_levels)
+  remat = unet.UNetConfig(**two_levels, remat="full")
   params = _randomize(model.init(plain, jax.random.key(6)))
   x = jnp.ones((2, 8, 8, 3))
 
