@@ -80,13 +80,16 @@ class Checkpointer:
     return self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
-  def check_compatible(self, step: int, abstract_state):
-    """Fails, naming the tensors, when the checkpoint at `step` holds another model's state. Metadata
-    that cannot be read raises the reader's own error (a damaged checkpoint, not a mismatch)."""
+  def check_compatible(self, step: int, abstract_state, partial: bool = False):
+    """Fails, naming the tensors, when the checkpoint at `step` holds another model's state (with `partial`,
+    only the parts of the state that `abstract_state` has are compared). Metadata that cannot be read raises
+    the reader's own error (a damaged checkpoint, not a mismatch)."""
     meta = self.manager.item_metadata(step)["state"]
     if meta is None:
       raise ValueError(f"checkpoint step {step} in {self.directory} has no readable state metadata")
     have, want = _flat_shapes(meta), _flat_shapes(abstract_state)
+    if partial:
+      have = {k: v for k, v in have.items() if k.split("/")[0] in abstract_state}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in sorted(set(have) & set(want))
@@ -96,17 +99,29 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} does not match the configured model: "
           f"missing {missing[:8]}, unexpected {extra[:8]}, shape mismatches {wrong[:8]}")
 
-  def restore(self, step: int, abstract_state, shardings):
-    """(state, data_state) at `step`, laid out with `shardings` (any mesh)."""
-    self.check_compatible(step, abstract_state)
+  def restore(self, step: int, abstract_state, shardings, keys=None):
+    """(state, data_state) at `step`, laid out with `shardings` (any mesh). With `keys` (top-level entries of
+    the state, e.g. ("params", "ema") for evaluation), only those are read, and data_state is None: the
+    optimizer's moments, twice the parameters' size for Adam, are neither read nor held in memory."""
+    if keys is not None:
+      abstract_state, shardings = ({k: tree[k] for k in keys} for tree in (abstract_state, shardings))
+    self.check_compatible(step, abstract_state, partial=keys is not None)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
+    if keys is not None:  # (the manager's StandardRestore reads whole trees; the PyTree handler can omit parts)
+      reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+      try:
+        return reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)), None
+      finally:
+        reader.close()
     restored = self.manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
-  def restore_latest(self, abstract_state, shardings, *, set_aside_damaged: bool = False):
-    """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
+  def restore_latest(self, abstract_state, shardings, *, set_aside_damaged: bool = False, keys=None):
+    """(step, state, data_state) of the newest checkpoint that restores, or None when there is none (`keys`:
+    only those parts of the state, as in `restore`).
 
     A checkpoint that fails to read is skipped with a warning (and, with `set_aside_damaged`, moved to
     checkpoints_damaged/ so the run can save that step again); another model's checkpoint is an error.
@@ -114,7 +129,7 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state, data_state = self.restore(step, abstract_state, shardings)
+        state, data_state = self.restore(step, abstract_state, shardings, keys)
       except CheckpointMismatch:
         raise
       except Exception as e:  # tensorstore, orbax and JSON readers raise many types for damaged files

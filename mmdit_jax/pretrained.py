@@ -50,7 +50,7 @@ def _from_run(cfg: TrainConfig, kind: str, root: epath.Path):
 
   from mmdit_jax import config as config_lib
   from mmdit_jax.checkpoint import Checkpointer
-  from mmdit_jax.state import make_optimizer, restore_latest
+  from mmdit_jax.state import WEIGHTS, make_optimizer, restore_latest
   source = root / "config.json"
   if not source.is_file() or not (root / "checkpoints").is_dir():
     raise ConfigError(f"config.init={cfg.init!r}: {root} is not a training workdir (config.json and checkpoints/)")
@@ -72,7 +72,8 @@ def _from_run(cfg: TrainConfig, kind: str, root: epath.Path):
     tx, _ = make_optimizer(src.optim, src.total_steps)
     ckpt = Checkpointer(root / "checkpoints")
     try:
-      found = restore_latest(dataclasses.replace(src, model=cfg.model, sharding_rules=rules), tx, mesh, ckpt)
+      found = restore_latest(dataclasses.replace(src, model=cfg.model, sharding_rules=rules), tx, mesh, ckpt,
+                             keys=WEIGHTS)
     finally:
       ckpt.close()
     if found is None:

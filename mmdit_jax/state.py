@@ -128,12 +128,17 @@ def state_shardings(model_cfg, tx, mesh, rules, lora=None):
   return abstract, shardings
 
 
-def restore_latest(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, *, set_aside_damaged: bool = False):
+# What evaluation, sampling, export and config.init read of a checkpoint: the weights, not the optimizer.
+WEIGHTS = ("step", "params", "ema")
+
+
+def restore_latest(cfg: TrainConfig, tx, mesh, ckpt: Checkpointer, *, set_aside_damaged: bool = False, keys=None):
   """(step, state, data iterator state) of the newest intact checkpoint laid out on `mesh` (any shape), or
-  None when there is none. The one restore recipe of training, evaluation, sampling and the tests."""
+  None when there is none; with `keys` (e.g. WEIGHTS), only those parts of the state, and no data state.
+  The one restore recipe of training, evaluation, sampling and the tests."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
     abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules, cfg.lora)
-    return ckpt.restore_latest(abstract, shardings, set_aside_damaged=set_aside_damaged)
+    return ckpt.restore_latest(abstract, shardings, set_aside_damaged=set_aside_damaged, keys=keys)
 
 
 def state_from_params(params, tx):
@@ -191,7 +196,7 @@ def restore_for_eval(cfg: TrainConfig, workdir, mesh, init_params=None):
   tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
   ckpt = Checkpointer(workdir / "checkpoints")
   try:
-    found = restore_latest(cfg, tx, mesh, ckpt)
+    found = restore_latest(cfg, tx, mesh, ckpt, keys=WEIGHTS)
   finally:
     ckpt.close()
   if found is not None and has_base(cfg):  # fine-tuned: the weights the model runs with

@@ -323,6 +323,25 @@ def test_demo_aspect_buckets_and_the_hires_demo_preset(tmp_path):
     config(**{"data.demo_buckets": ((48, 44),)})
 
 
+@pytest.mark.xdist_group("straight")  # (shares the session's straight run)
+def test_evaluation_reads_only_the_weights(straight):
+  """restore_for_eval (sampling, evaluation, export) reads the step, parameters and EMA of the newest checkpoint,
+  onto another mesh, equal to a full restore's, without the optimizer's moments; another model is still named."""
+  from etils import epath
+
+  from mmdit_jax import parallel
+  from mmdit_jax.checkpoint import CheckpointMismatch
+  from mmdit_jax.state import WEIGHTS, restore_for_eval
+  workdir, (step, full, _) = straight
+  mesh = parallel.make_mesh((2, 2, 1, 2))
+  state, got = restore_for_eval(config(), epath.Path(workdir), mesh)
+  assert got == step and sorted(state) == sorted(WEIGHTS) and int(state["step"]) == step
+  assert tree_equal(state["params"], full["params"]) and tree_equal(state["ema"], full["ema"])
+  assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(state["ema"]))
+  with pytest.raises(CheckpointMismatch, match="does not match the configured model"):
+    restore_for_eval(config(**{"model.depth": 3}), epath.Path(workdir), mesh)
+
+
 def test_a_run_starts_from_another_runs_weights(tmp_path):
   """config.init=run:DIR / run-ema:DIR: the new run's step-0 parameters (and EMA) are the source run's newest
   parameters or EMA weights, on another mesh, with a fresh optimizer; another model or a non-workdir is named;
