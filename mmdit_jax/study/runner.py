@@ -184,7 +184,7 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
   from mmdit_jax import evaluate
   from mmdit_jax.checkpoint import Checkpointer
   from mmdit_jax.sample import autoencoder_for
-  from mmdit_jax.state import make_optimizer, state_shardings
+  from mmdit_jax.state import WEIGHTS, make_optimizer, state_shardings
   from flax import nnx
   workdir = epath.Path(study_dir) / "runs" / run.name
   settings = settings_of(c)
@@ -206,7 +206,7 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
       for step in sorted({j[0] for j in todo}):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
           abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
-          state, _ = ckpt.restore(step, abstract, shardings)
+          state, _ = ckpt.restore(step, abstract, shardings, keys=WEIGHTS)  # (not the optimizer's moments)
         for _, setting, path in [j for j in todo if j[0] == step]:
           if setting not in evaluators:
             t = copy.deepcopy(base)
