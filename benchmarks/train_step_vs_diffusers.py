@@ -38,7 +38,8 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each before the timed ones")
-  parser.add_argument("--attention", default="xla", help="config.model.attention for the JAX model")
+  parser.add_argument("--attention", default="cpu",
+                      help="config.model.attention for the JAX model (cpu: the native kernel, the demo presets' setting)")
   parser.add_argument("--remat", default="dots_no_batch",
                       help="config.model.remat for the JAX model (dots_no_batch: the demo presets' CPU setting)")
   parser.add_argument("--remat_names", default="qkv,attn_out,mlp_in,mlp_out",
@@ -160,13 +161,16 @@ def main():
     for _ in range(3):
       jax_step()
     jax.profiler.stop_trace()
+    with open(os.path.join(args.profile, "step.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
     print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
     _print_breakdown(args.profile, steps=3, thunks=_thunks(compiled.as_text()))
     _print_torch_breakdown(torch_step, steps=3)
 
 
 # XLA CPU thunk names → what they are (docs/performance.md's table).
-CATEGORIES = (("matmuls (ynn_fusion, dot)", ("ynn", "dot", "convolution")),
+CATEGORIES = (("attention kernel (native, FFI custom call)", ("ffi_call", "custom-call")),
+              ("matmuls (ynn_fusion, dot)", ("ynn", "dot", "convolution")),
               ("scan dynamic-slice / update", ("dynamic",)),
               ("copies / transposes", ("copy", "transpose")),
               ("zero-filled buffers (broadcast)", ("wrapped_broadcast",)),

@@ -44,8 +44,10 @@ from mmdit_jax.flow import resolution_shift
 # backward (recomputed instead), which XLA's CPU runtime zero-fills and slices per layer — the demo step
 # takes 222 instead of 248 ms (median of 20 interleaved), the benchmark's 286 instead of 331 ms
 # (docs/performance.md).
+# attention "cpu": the native CPU kernel (XLA's einsums on other platforms, so compiling the tiny model for a
+# TPU topology is unchanged), which also keeps remat from running attention's forward twice.
 _TINY_MODEL = dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, in_channels=3, context_dim=32,
-                   pooled_dim=32, pos_embed_max_size=8, sample_size=32, remat="dots_no_batch")
+                   pooled_dim=32, pos_embed_max_size=8, sample_size=32, remat="dots_no_batch", attention="cpu")
 _DEMO = dict(demo_examples=4096, lr=1e-3, schedule="cosine", ema_decay=0.99, num_threads=2)
 PRESETS = {
     # The README's few-minute run on the demo dataset.

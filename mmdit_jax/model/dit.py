@@ -46,7 +46,7 @@ class DiTConfig:
   long_skip: bool = False  # U-ViT long skip connections (first half → second half)
   qk_norm: bool = False
   dtype: str = "float32"
-  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | auto
+  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | cpu | auto
   splash_block_q: int = 512  # splash attention's block sizes (multiples of 128)
   splash_block_kv: int = 512
   remat: str = "none"  # key of stack.REMAT_POLICIES

@@ -37,7 +37,7 @@ class MMDiTConfig:
   dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X: layers with an extra image self-attention
   text_streams: tuple[int, ...] = ()  # () one text stream; (77, 77): CLIP and T5 with separate weights
   dtype: str = "float32"  # compute dtype; parameters stay float32
-  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | auto
+  attention: str = "xla"  # key of attention.ATTENTION_IMPLS: xla | splash | cudnn | dot_product | cpu | auto
   splash_block_q: int = 512  # splash attention's query and key/value block sizes (multiples of 128)
   splash_block_kv: int = 512
   remat: str = "none"  # key of stack.REMAT_POLICIES: none | full | dots | dots_no_batch | names | offload

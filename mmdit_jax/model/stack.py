@@ -13,13 +13,23 @@ from flax import nnx
 
 from mmdit_jax.model.layers import constrain_like_params
 
+def _with_kernel_residuals(policy):
+  """`policy`, also saving the native CPU attention kernel's output and log-sum-exp (O(S) per head, like
+  the matmul outputs saved): otherwise the backward runs that kernel's forward again (the kernel is one
+  custom call, not a matmul, so a dots policy would recompute it)."""
+  from mmdit_jax.model.cpu_attention import RESIDUALS
+  return jax.checkpoint_policies.save_from_both_policies(
+      policy, jax.checkpoint_policies.save_only_these_names(RESIDUALS))
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs, recompute the rest
+    # save matmul outputs, recompute the rest
+    "dots": _with_kernel_residuals(jax.checkpoint_policies.checkpoint_dots),
     # save only matmuls without batch dimensions: the projections and MLP, not attention's q·k logits
     # (B, H, S, S) — at 1024² those are most of a layer's saved activations
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_no_batch": _with_kernel_residuals(jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
     "names": None,  # save the activations tagged with config.model.remat_names (see CHECKPOINT_NAMES)
     "offload": None,  # the same, offloaded to pinned host memory between forward and backward (TPU/GPU)
 }

@@ -1,0 +1,340 @@
+// Attention for the CPU as an XLA FFI custom call: the forward (output and log-sum-exp) and the backward
+// (dq, dk, dv), float32, on (B, S, H, K) arrays as the model holds them (no transposed copies).
+//
+// Why: XLA's CPU backend runs attention as YNNPACK fusions at 28-60 GFLOP/s on one core, the softmax inside
+// them, and needs head-major copies of q, k and v; torch's CPU SDPA kernel is about twice as fast
+// (docs/performance.md). This kernel does what torch's does: per (batch, head), a block of query rows at a
+// time, the logits of the block against every key (a block x S_kv panel that stays in cache), the softmax
+// in place, then the product with v. The backward recomputes the probabilities from the saved log-sum-exp.
+//
+// The products are one register-blocked GEMM micro-kernel (8 rows x 32 columns of accumulators), written
+// with GCC's vector extensions and compiled for the machine at hand (-march=native), so the same source
+// gives AVX-512 or AVX2 code. Work is split over (batch, head[, query chunk]) tasks on XLA's intra-op
+// thread pool.
+//
+// Built at first use by mmdit_jax/model/cpu_attention.py (g++, cached by source hash).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) {
+  v16 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+inline v16 splat(float a) { return v16{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }  // a broadcast
+
+// exp (the softmax's shifted logits, <= 0): Cephes' expf polynomial, 2^n by exponent bits.
+inline v16 vexp(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const v16 t = x * 1.44269504088896341f;
+  const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float hsum(v16 x) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// C[MR x 16*NV] (+)= op(A)[MR x L] . B[L x 16*NV]; op(A)[r][l] = TA ? A[l*lda + r] : A[r*lda + l].
+template <int MR, int NV, bool TA>
+inline void tile(int64_t L, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                 bool accumulate) {
+  v16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + 16 * v) : v16{};
+  for (int64_t l = 0; l < L; ++l) {
+    v16 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(B + l * ldb + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const v16 a = splat(TA ? A[l * lda + r] : A[r * lda + l]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int NV, bool TA>
+inline void tail(int rows, int64_t L, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool acc) {
+  switch (rows) {
+    case 1: return tile<1, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 2: return tile<2, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 3: return tile<3, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 4: return tile<4, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 5: return tile<5, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 6: return tile<6, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+    case 7: return tile<7, NV, TA>(L, A, lda, B, ldb, C, ldc, acc);
+  }
+}
+
+// C[M x N] (+)= op(A)[M x L] . B[L x N], N a multiple of 16.
+template <bool TA>
+void gemm(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool acc) {
+  constexpr int MR = 8;
+  for (int64_t j = 0; j < N; j += 32) {
+    const bool two = N - j >= 32;
+    for (int64_t i = 0; i < M; i += MR) {
+      const float* a = TA ? A + i : A + i * lda;
+      float* c = C + i * ldc + j;
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - i));
+      if (rows == MR) {
+        if (two) tile<MR, 2, TA>(L, a, lda, B + j, ldb, c, ldc, acc);
+        else tile<MR, 1, TA>(L, a, lda, B + j, ldb, c, ldc, acc);
+      } else {
+        if (two) tail<2, TA>(rows, L, a, lda, B + j, ldb, c, ldc, acc);
+        else tail<1, TA>(rows, L, a, lda, B + j, ldb, c, ldc, acc);
+      }
+    }
+  }
+}
+
+// Runs f(0..n-1) on the calling thread and up to num_threads - 1 of the pool's. The caller waits only for
+// tasks that a thread has taken, so a helper that starts late (its thread busy elsewhere) finds nothing
+// left and never holds the caller up.
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t done = 0;
+  };
+  auto shared = std::make_shared<Shared>();
+  const F* fp = &f;
+  auto run = [shared, n, fp]() {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
+      (*fp)(i);
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (++shared->done == n) shared->cv.notify_all();
+    }
+  };
+  for (int64_t w = 0; w < helpers; ++w) pool.Schedule([run] { run(); });
+  run();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done == n; });
+}
+
+constexpr int64_t kBlockQ = 64;
+
+struct Dims {
+  int64_t B, Sq, Skv, H, K, Skv_pad;
+  int64_t q_row() const { return H * K; }  // stride between consecutive tokens, in floats
+};
+
+// kt[K x Skv_pad] = x[b, :, h, :] transposed (zero columns past Skv).
+void pack_transposed(const float* x, const Dims& d, float* kt) {
+  std::fill(kt, kt + d.K * d.Skv_pad, 0.0f);
+  for (int64_t s = 0; s < d.Skv; ++s)
+    for (int64_t c = 0; c < d.K; ++c) kt[c * d.Skv_pad + s] = x[s * d.q_row() + c];
+}
+
+// xp[Skv_pad x K] = x[b, :, h, :] (zero rows past Skv).
+void pack_rows(const float* x, const Dims& d, float* xp) {
+  for (int64_t s = 0; s < d.Skv; ++s) std::memcpy(xp + s * d.K, x + s * d.q_row(), d.K * sizeof(float));
+  std::fill(xp + d.Skv * d.K, xp + d.Skv_pad * d.K, 0.0f);
+}
+
+// Row i of s (Skv_pad wide): p = softmax(scale * s) in place, zero past Skv; returns the log-sum-exp.
+float softmax_row(float* s, const Dims& d, float scale) {
+  const int64_t full = d.Skv / 16 * 16;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < full; j += 16) m = std::max(m, hmax(load(s + j)));
+  for (int64_t j = full; j < d.Skv; ++j) m = std::max(m, s[j]);
+  const float shift = m * scale;
+  v16 sum{};
+  for (int64_t j = 0; j < full; j += 16) {
+    const v16 p = vexp(load(s + j) * scale - shift);
+    store(s + j, p);
+    sum += p;
+  }
+  float l = hsum(sum);
+  if (full < d.Skv) {
+    v16 x = splat(-87.0f);
+    for (int64_t j = full; j < d.Skv; ++j) x[j - full] = s[j] * scale - shift;
+    const v16 p = vexp(x);
+    for (int64_t j = full; j < d.Skv; ++j) {
+      s[j] = p[j - full];
+      l += p[j - full];
+    }
+  }
+  const float inv = 1.0f / l;
+  for (int64_t j = 0; j < full; j += 16) store(s + j, load(s + j) * inv);
+  for (int64_t j = full; j < d.Skv; ++j) s[j] *= inv;
+  std::fill(s + d.Skv, s + d.Skv_pad, 0.0f);
+  return shift + std::log(l);
+}
+
+Dims dims_of(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  Dims d{qd[0], qd[1], kd[1], qd[2], qd[3], 0};
+  d.Skv_pad = (d.Skv + 31) / 32 * 32;
+  return d;
+}
+
+ffi::Error check(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("cpu attention: q, k, v must be (B, S, H, K)");
+  if (kd[0] != qd[0] || kd[2] != qd[2] || kd[3] != qd[3] || vd[0] != kd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[2] || vd[3] != kd[3])
+    return ffi::Error::InvalidArgument("cpu attention: q, k, v shapes disagree");
+  if (qd[3] % 16 != 0)
+    return ffi::Error::InvalidArgument("cpu attention: the head dimension must be a multiple of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, float scale, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  if (ffi::Error e = check(q, k, v); e.failure()) return e;
+  const Dims d = dims_of(q, k);
+  const int64_t heads = d.B * d.H, blocks = (d.Sq + kBlockQ - 1) / kBlockQ;
+  // Enough tasks for every thread: split each (batch, head) into query chunks when there are few of them.
+  const int64_t chunks = std::min(blocks, std::max<int64_t>(1, (2 * pool.num_threads() + heads - 1) / heads));
+  const int64_t per_chunk = (blocks + chunks - 1) / chunks * kBlockQ;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  parallel_for(pool, heads * chunks, [&](int64_t task) {
+    const int64_t bh = task / chunks, b = bh / d.H, h = bh % d.H;
+    const int64_t q0 = task % chunks * per_chunk, q1 = std::min(d.Sq, q0 + per_chunk);
+    if (q0 >= q1) return;
+    const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
+    std::vector<float> kt(d.K * d.Skv_pad), vr(d.Skv_pad * d.K), s(kBlockQ * d.Skv_pad);
+    pack_transposed(kp + base_kv, d, kt.data());
+    pack_rows(vp + base_kv, d, vr.data());
+    for (int64_t i0 = q0; i0 < q1; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, q1 - i0);
+      gemm<false>(rows, d.Skv_pad, d.K, qp + base_q + i0 * d.q_row(), d.q_row(), kt.data(), d.Skv_pad, s.data(),
+                  d.Skv_pad, false);
+      for (int64_t i = 0; i < rows; ++i)
+        lp[bh * d.Sq + i0 + i] = softmax_row(s.data() + i * d.Skv_pad, d, scale);
+      gemm<false>(rows, d.K, d.Skv_pad, s.data(), d.Skv_pad, vr.data(), d.K, op + base_q + i0 * d.q_row(),
+                  d.q_row(), false);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  if (ffi::Error e = check(q, k, v); e.failure()) return e;
+  const Dims d = dims_of(q, k);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *opp = o.typed_data(),
+              *lp = lse.typed_data(), *gp = dout.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  parallel_for(pool, d.B * d.H, [&](int64_t bh) {
+    const int64_t b = bh / d.H, h = bh % d.H;
+    const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
+    std::vector<float> kt(d.K * d.Skv_pad), vt(d.K * d.Skv_pad), kr(d.Skv_pad * d.K);
+    std::vector<float> dk_acc(d.Skv_pad * d.K, 0.0f), dv_acc(d.Skv_pad * d.K, 0.0f);
+    std::vector<float> p(kBlockQ * d.Skv_pad), ds(kBlockQ * d.Skv_pad);
+    pack_transposed(kp + base_kv, d, kt.data());
+    pack_transposed(vp + base_kv, d, vt.data());
+    pack_rows(kp + base_kv, d, kr.data());
+    for (int64_t i0 = 0; i0 < d.Sq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, d.Sq - i0);
+      const float* qb = qp + base_q + i0 * d.q_row();
+      const float* gb = gp + base_q + i0 * d.q_row();
+      const float* ob = opp + base_q + i0 * d.q_row();
+      gemm<false>(rows, d.Skv_pad, d.K, qb, d.q_row(), kt.data(), d.Skv_pad, p.data(), d.Skv_pad, false);
+      gemm<false>(rows, d.Skv_pad, d.K, gb, d.q_row(), vt.data(), d.Skv_pad, ds.data(), d.Skv_pad, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* pr = p.data() + i * d.Skv_pad;
+        float* dr = ds.data() + i * d.Skv_pad;
+        const float shift = lp[bh * d.Sq + i0 + i];
+        v16 acc{};
+        for (int64_t c = 0; c < d.K; c += 16) acc += load(gb + i * d.q_row() + c) * load(ob + i * d.q_row() + c);
+        const float delta = hsum(acc);
+        // p = exp(scale * s - lse); ds = scale * p * (dp - delta); both zero past Skv.
+        for (int64_t j = 0; j < d.Skv_pad; j += 16) {
+          const v16 pj = vexp(load(pr + j) * scale - shift);
+          store(pr + j, pj);
+          store(dr + j, pj * (load(dr + j) - delta) * scale);
+        }
+        for (int64_t j = d.Skv; j < d.Skv_pad; ++j) pr[j] = dr[j] = 0.0f;
+      }
+      gemm<false>(rows, d.K, d.Skv_pad, ds.data(), d.Skv_pad, kr.data(), d.K, dqp + base_q + i0 * d.q_row(),
+                  d.q_row(), false);
+      gemm<true>(d.Skv_pad, d.K, rows, p.data(), d.Skv_pad, gb, d.q_row(), dv_acc.data(), d.K, true);
+      gemm<true>(d.Skv_pad, d.K, rows, ds.data(), d.Skv_pad, qb, d.q_row(), dk_acc.data(), d.K, true);
+    }
+    for (int64_t s = 0; s < d.Skv; ++s) {
+      std::memcpy(dkp + base_kv + s * d.q_row(), dk_acc.data() + s * d.K, d.K * sizeof(float));
+      std::memcpy(dvp + base_kv + s * d.q_row(), dv_acc.data() + s * d.K, d.K * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditCpuAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditCpuAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
