@@ -38,6 +38,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--text_tokens", type=int, default=154)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--attention", default="", help="config.model.attention instead of the preset's")
   parser.add_argument("--flops_only", action="store_true", help="print the analytic cost only")
   parser.add_argument("--cpu_reuse_memory", type=int, default=1,
                       help="mmdit_jax.cpu_runtime as main.py sets it (1, its default); 0: JAX's and glibc's defaults")
@@ -46,6 +47,8 @@ def main():
 
   c = rf_lognorm.get_config(f"size={args.size}")
   c.sample.steps, c.sample.guidance = args.steps, args.guidance
+  if args.attention:
+    c.model.attention = args.attention
   cfg = config_lib.from_config_dict(c)
   m = cfg.model
   side = args.res // 8 if m.in_channels == 16 else args.res  # latent models: SD3's 8× VAE

@@ -166,11 +166,24 @@ struct Dims {
   int64_t q_row() const { return H * K; }  // stride between consecutive tokens, in floats
 };
 
-// kt[K x Skv_pad] = x[b, :, h, :] transposed (zero columns past Skv).
+// kt[K x Skv_pad] = x[b, :, h, :] transposed (zero columns past Skv), 16 tokens at a time: each write is
+// one contiguous run, and the 16 rows read stay in L1.
 void pack_transposed(const float* x, const Dims& d, float* kt) {
-  std::fill(kt, kt + d.K * d.Skv_pad, 0.0f);
-  for (int64_t s = 0; s < d.Skv; ++s)
-    for (int64_t c = 0; c < d.K; ++c) kt[c * d.Skv_pad + s] = x[s * d.q_row() + c];
+  for (int64_t s0 = 0; s0 < d.Skv_pad; s0 += 16) {
+    const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, d.Skv - s0));
+    for (int64_t c = 0; c < d.K; ++c) {
+      float* out = kt + c * d.Skv_pad + s0;
+      for (int64_t s = 0; s < n; ++s) out[s] = x[(s0 + s) * d.q_row() + c];
+      for (int64_t s = n; s < 16; ++s) out[s] = 0.0f;
+    }
+  }
+}
+
+// Per-thread scratch, kept between calls (no allocation, and no page faults, per call).
+float* scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[8];
+  if (buffers[slot].size() < floats) buffers[slot].resize(floats);
+  return buffers[slot].data();
 }
 
 // xp[Skv_pad x K] = x[b, :, h, :] (zero rows past Skv).
@@ -182,8 +195,12 @@ void pack_rows(const float* x, const Dims& d, float* xp) {
 // Row i of s (Skv_pad wide): p = softmax(scale * s) in place, zero past Skv; returns the log-sum-exp.
 float softmax_row(float* s, const Dims& d, float scale) {
   const int64_t full = d.Skv / 16 * 16;
-  float m = -INFINITY;
-  for (int64_t j = 0; j < full; j += 16) m = std::max(m, hmax(load(s + j)));
+  v16 mv = splat(-INFINITY);
+  for (int64_t j = 0; j < full; j += 16) {
+    const v16 x = load(s + j);
+    mv = x > mv ? x : mv;
+  }
+  float m = hmax(mv);
   for (int64_t j = full; j < d.Skv; ++j) m = std::max(m, s[j]);
   const float shift = m * scale;
   v16 sum{};
@@ -244,17 +261,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const int64_t q0 = task % chunks * per_chunk, q1 = std::min(d.Sq, q0 + per_chunk);
     if (q0 >= q1) return;
     const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
-    std::vector<float> kt(d.K * d.Skv_pad), vr(d.Skv_pad * d.K), s(kBlockQ * d.Skv_pad);
-    pack_transposed(kp + base_kv, d, kt.data());
-    pack_rows(vp + base_kv, d, vr.data());
+    float *kt = scratch(0, d.K * d.Skv_pad), *vr = scratch(1, d.Skv_pad * d.K), *s = scratch(2, kBlockQ * d.Skv_pad);
+    pack_transposed(kp + base_kv, d, kt);
+    pack_rows(vp + base_kv, d, vr);
     for (int64_t i0 = q0; i0 < q1; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, q1 - i0);
-      gemm<false>(rows, d.Skv_pad, d.K, qp + base_q + i0 * d.q_row(), d.q_row(), kt.data(), d.Skv_pad, s.data(),
-                  d.Skv_pad, false);
-      for (int64_t i = 0; i < rows; ++i)
-        lp[bh * d.Sq + i0 + i] = softmax_row(s.data() + i * d.Skv_pad, d, scale);
-      gemm<false>(rows, d.K, d.Skv_pad, s.data(), d.Skv_pad, vr.data(), d.K, op + base_q + i0 * d.q_row(),
-                  d.q_row(), false);
+      gemm<false>(rows, d.Skv_pad, d.K, qp + base_q + i0 * d.q_row(), d.q_row(), kt, d.Skv_pad, s, d.Skv_pad,
+                  false);
+      for (int64_t i = 0; i < rows; ++i) lp[bh * d.Sq + i0 + i] = softmax_row(s + i * d.Skv_pad, d, scale);
+      gemm<false>(rows, d.K, d.Skv_pad, s, d.Skv_pad, vr, d.K, op + base_q + i0 * d.q_row(), d.q_row(), false);
     }
   });
   return ffi::Error::Success();
@@ -272,22 +287,22 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
     const int64_t b = bh / d.H, h = bh % d.H;
     const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
-    std::vector<float> kt(d.K * d.Skv_pad), vt(d.K * d.Skv_pad), kr(d.Skv_pad * d.K);
-    std::vector<float> dk_acc(d.Skv_pad * d.K, 0.0f), dv_acc(d.Skv_pad * d.K, 0.0f);
-    std::vector<float> p(kBlockQ * d.Skv_pad), ds(kBlockQ * d.Skv_pad);
-    pack_transposed(kp + base_kv, d, kt.data());
-    pack_transposed(vp + base_kv, d, vt.data());
-    pack_rows(kp + base_kv, d, kr.data());
+    float *kt = scratch(0, d.K * d.Skv_pad), *vt = scratch(1, d.K * d.Skv_pad), *kr = scratch(2, d.Skv_pad * d.K);
+    float *dk_acc = scratch(3, d.Skv_pad * d.K), *dv_acc = scratch(4, d.Skv_pad * d.K);
+    float *p = scratch(5, kBlockQ * d.Skv_pad), *ds = scratch(6, kBlockQ * d.Skv_pad);
+    pack_transposed(kp + base_kv, d, kt);
+    pack_transposed(vp + base_kv, d, vt);
+    pack_rows(kp + base_kv, d, kr);
     for (int64_t i0 = 0; i0 < d.Sq; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, d.Sq - i0);
       const float* qb = qp + base_q + i0 * d.q_row();
       const float* gb = gp + base_q + i0 * d.q_row();
       const float* ob = opp + base_q + i0 * d.q_row();
-      gemm<false>(rows, d.Skv_pad, d.K, qb, d.q_row(), kt.data(), d.Skv_pad, p.data(), d.Skv_pad, false);
-      gemm<false>(rows, d.Skv_pad, d.K, gb, d.q_row(), vt.data(), d.Skv_pad, ds.data(), d.Skv_pad, false);
+      gemm<false>(rows, d.Skv_pad, d.K, qb, d.q_row(), kt, d.Skv_pad, p, d.Skv_pad, false);
+      gemm<false>(rows, d.Skv_pad, d.K, gb, d.q_row(), vt, d.Skv_pad, ds, d.Skv_pad, false);
       for (int64_t i = 0; i < rows; ++i) {
-        float* pr = p.data() + i * d.Skv_pad;
-        float* dr = ds.data() + i * d.Skv_pad;
+        float* pr = p + i * d.Skv_pad;
+        float* dr = ds + i * d.Skv_pad;
         const float shift = lp[bh * d.Sq + i0 + i];
         v16 acc{};
         for (int64_t c = 0; c < d.K; c += 16) acc += load(gb + i * d.q_row() + c) * load(ob + i * d.q_row() + c);
@@ -300,14 +315,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         }
         for (int64_t j = d.Skv; j < d.Skv_pad; ++j) pr[j] = dr[j] = 0.0f;
       }
-      gemm<false>(rows, d.K, d.Skv_pad, ds.data(), d.Skv_pad, kr.data(), d.K, dqp + base_q + i0 * d.q_row(),
-                  d.q_row(), false);
-      gemm<true>(d.Skv_pad, d.K, rows, p.data(), d.Skv_pad, gb, d.q_row(), dv_acc.data(), d.K, true);
-      gemm<true>(d.Skv_pad, d.K, rows, ds.data(), d.Skv_pad, qb, d.q_row(), dk_acc.data(), d.K, true);
+      gemm<false>(rows, d.K, d.Skv_pad, ds, d.Skv_pad, kr, d.K, dqp + base_q + i0 * d.q_row(), d.q_row(), false);
+      // dv += pᵀ·do, dk += dsᵀ·q (the first block writes them, the rest add to them)
+      gemm<true>(d.Skv_pad, d.K, rows, p, d.Skv_pad, gb, d.q_row(), dv_acc, d.K, i0 > 0);
+      gemm<true>(d.Skv_pad, d.K, rows, ds, d.Skv_pad, qb, d.q_row(), dk_acc, d.K, i0 > 0);
     }
     for (int64_t s = 0; s < d.Skv; ++s) {
-      std::memcpy(dkp + base_kv + s * d.q_row(), dk_acc.data() + s * d.K, d.K * sizeof(float));
-      std::memcpy(dvp + base_kv + s * d.q_row(), dv_acc.data() + s * d.K, d.K * sizeof(float));
+      std::memcpy(dkp + base_kv + s * d.q_row(), dk_acc + s * d.K, d.K * sizeof(float));
+      std::memcpy(dvp + base_kv + s * d.q_row(), dv_acc + s * d.K, d.K * sizeof(float));
     }
   });
   return ffi::Error::Success();
