@@ -31,6 +31,8 @@ from mmdit_jax.metrics import log
 from mmdit_jax.state import FROZEN, base_shardings, has_base, make_optimizer, state_shardings
 from mmdit_jax.train_step import batch_spec, jit_train_step
 
+# What the attention names compile to for a TPU topology (the native CPU kernel is XLA's einsums there).
+_ATTENTION_ON_TPU = {"auto": "auto (splash)", "cpu": "cpu (xla on TPU)"}
 GIB = 1024 ** 3
 # Per chip: dense bf16 peak FLOP/s, HBM the compiler can use (GiB), HBM bandwidth (GB/s). Peaks and bandwidths
 # from cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("Key chip specifications"); usable HBM as the TPU compiler
@@ -297,7 +299,7 @@ def compile_report(cfg: TrainConfig, topology: str, *, sample: bool = True) -> d
         "mesh": dict(mesh.shape), "global_batch": cfg.data.global_batch_size,
         "per_chip_batch": cfg.data.global_batch_size / parallel.data_parallel_size(mesh),
         "latent": list(latent_shape), "text_tokens": text_tokens, "params": model.param_count(cfg.model),
-        "remat": cfg.model.remat, "attention": "auto (splash)" if cfg.model.attention == "auto" else cfg.model.attention, "dtype": cfg.model.dtype,
+        "remat": cfg.model.remat, "attention": _ATTENTION_ON_TPU.get(cfg.model.attention, cfg.model.attention), "dtype": cfg.model.dtype,
         "microbatches": cfg.microbatches, "xla_flags": {"preset": cfg.xla_flags, **xla_presets.environment()},
         "param_gib": _per_device_bytes(abstract["params"], shardings["params"]) / GIB,
         "opt_gib": _per_device_bytes(abstract["opt_state"], shardings["opt_state"]) / GIB,
