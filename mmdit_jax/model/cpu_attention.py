@@ -115,7 +115,8 @@ def supports(q, k, v) -> bool:
 def _forward(q, k, v, scale):
   b, s, h, _ = q.shape
   out, lse = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                        jax.ShapeDtypeStruct((b, h, s), jnp.float32)))(q, k, v, scale=np.float32(scale))
+                                        jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
+                              vmap_method="sequential")(q, k, v, scale=np.float32(scale))
   return out, lse
 
 
@@ -137,7 +138,8 @@ def _attention_fwd(q, k, v, scale):
 def _attention_bwd(scale, residuals, g):
   q, k, v, out, lse = residuals
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-  return jax.ffi.ffi_call(BACKWARD, shapes)(q, k, v, out, lse, g.astype(jnp.float32), scale=np.float32(scale))
+  return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="sequential")(q, k, v, out, lse, g.astype(jnp.float32),
+                                                                      scale=np.float32(scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

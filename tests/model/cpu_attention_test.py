@@ -43,10 +43,18 @@ def test_matches_xla_attention(shape):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_scale():
+def test_scale_and_vmap():
   q, k, v = _qkv(2, 20, 20, 2, 16)
   np.testing.assert_allclose(cpu_attention.attention(q, k, v, scale=1.0),
                              attention.biased_attention(q, k, v, scale=1.0), rtol=1e-5, atol=2e-6)
+  stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]  # vmapped: one kernel call per slice
+  f = lambda q, k, v: jnp.sum(jnp.sin(cpu_attention.attention(q, k, v)))
+  got = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1, 2))))(*stacked)
+  for i in range(2):
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(attention.xla_attention(*a))), argnums=(0, 1, 2))(
+        *(x[i] for x in stacked))
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-5)
 
 
 def _calls(text):
