@@ -9,8 +9,9 @@ Kernels take q, k, v (B, S, H, K) (k, v may be longer than q: cross-attention) â
 - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - "dot_product": JAX picks.
 - "cpu": a native CPU kernel (cpu_attention.cc, an XLA FFI custom call built at first use): blockwise, on the
-  (B, S, H, K) arrays, float32, twice XLA's speed on the CPU; run per device under shard_map on a mesh. Where
-  it does not apply (another platform, other dtypes, no C++ compiler) it is xla.
+  (B, S, H, K) arrays, float32; on the CPU its forward takes a third to a half of xla's time, forward and
+  backward two thirds (docs/performance.md). Run per device under shard_map on a mesh. Where it does not
+  apply (another platform, other dtypes, a head dimension off 16, no C++ compiler) it is xla.
 - "auto": splash on TPU, cuDNN on GPU for bf16/fp16 inputs, "cpu" on the CPU (decided when traced, from the
   devices of the mesh in use â€” a TPU topology compiled from a CPU machine gets splash).
 Joint text+image attention (MM-DiT), QK-norm, MMDiT-X's second attention and skip-layer guidance all sit

@@ -7,12 +7,12 @@
 // time, the logits of the block against every key (a block x S_kv panel that stays in cache), the softmax
 // in place, then the product with v. The backward recomputes the probabilities from the saved log-sum-exp.
 //
-// The products are one register-blocked GEMM micro-kernel (8 rows x 32 columns of accumulators), written
-// with GCC's vector extensions and compiled for the machine at hand (-march=native), so the same source
-// gives AVX-512 or AVX2 code. Work is split over (batch, head[, query chunk]) tasks on XLA's intra-op
+// The products are one register-blocked GEMM micro-kernel (8 rows x 2 vectors of accumulators with
+// AVX-512, 6 x 2 with AVX2), written with GCC's vector extensions at the machine's vector width and compiled
+// for the machine at hand (-march=native), so the same source gives AVX-512, AVX2 or NEON code. Work is split over (batch, head[, query chunk]) tasks on XLA's intra-op
 // thread pool.
 //
-// Built at first use by mmdit_jax/model/cpu_attention.py (g++, cached by source hash).
+// Built at first use by mmdit_jax/model/cpu_attention.py (g++ or clang++, cached by source hash and CPU).
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -30,66 +31,88 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+// The machine's widest float vector: W lanes (16 with AVX-512, 8 with AVX, else 4: SSE, NEON). A wider
+// GCC vector than the hardware's is lowered through memory (AVX2 ran this kernel at 6 GFLOP/s that way).
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+// Rows of the micro-kernel's tile: its 2*MR accumulators, two B vectors and a broadcast fit the registers
+// (32 vector registers with AVX-512 and on AArch64, 16 otherwise).
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int MR = 8;
+#else
+constexpr int MR = 6;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-inline v16 load(const float* p) {
-  v16 x;
+inline vf load(const float* p) {
+  vf x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
-inline v16 splat(float a) { return v16{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }  // a broadcast
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
+template <size_t... I>
+inline vf splat_lanes(float a, std::index_sequence<I...>) {
+  return vf{((void)I, a)...};
+}
+// A broadcast, from memory where `a` is (written as {a, a, ...}: a loop of lane stores, or 0 + a, compile
+// to worse code).
+inline vf splat(float a) { return splat_lanes(a, std::make_index_sequence<W>{}); }
 
 // exp (the softmax's shifted logits, <= 0): Cephes' expf polynomial, 2^n by exponent bits.
-inline v16 vexp(v16 x) {
+inline vf vexp(vf x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   x = x > 88.0f ? splat(88.0f) : x;
-  const v16 t = x * 1.44269504088896341f;
-  const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = x - n * 0.693359375f;
+  const vf t = x * 1.44269504088896341f;
+  const vf n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-inline float hsum(v16 x) {
+inline float hsum(vf x) {
   float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += x[i];
+  for (int i = 0; i < W; ++i) s += x[i];
   return s;
 }
-inline float hmax(v16 x) {
+inline float hmax(vf x) {
   float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-// C[MR x 16*NV] (+)= op(A)[MR x L] . B[L x 16*NV]; op(A)[r][l] = TA ? A[l*lda + r] : A[r*lda + l].
-template <int MR, int NV, bool TA>
+// C[R x W*NV] (+)= op(A)[R x L] . B[L x W*NV]; op(A)[r][l] = TA ? A[l*lda + r] : A[r*lda + l].
+template <int R, int NV, bool TA>
 inline void tile(int64_t L, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                  bool accumulate) {
-  v16 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + 16 * v) : v16{};
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(C + r * ldc + W * v) : vf{};
   for (int64_t l = 0; l < L; ++l) {
-    v16 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load(B + l * ldb + 16 * v);
-    for (int r = 0; r < MR; ++r) {
-      const v16 a = splat(TA ? A[l * lda + r] : A[r * lda + l]);
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(B + l * ldb + W * v);
+    for (int r = 0; r < R; ++r) {
+      const vf a = splat(TA ? A[l * lda + r] : A[r * lda + l]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(C + r * ldc + 16 * v, acc[r][v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + W * v, acc[r][v]);
 }
 
 template <int NV, bool TA>
@@ -106,13 +129,12 @@ inline void tail(int rows, int64_t L, const float* A, int64_t lda, const float* 
   }
 }
 
-// C[M x N] (+)= op(A)[M x L] . B[L x N], N a multiple of 16.
+// C[M x N] (+)= op(A)[M x L] . B[L x N], N a multiple of W.
 template <bool TA>
 void gemm(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool acc) {
-  constexpr int MR = 8;
-  for (int64_t j = 0; j < N; j += 32) {
-    const bool two = N - j >= 32;
+  for (int64_t j = 0; j < N; j += 2 * W) {
+    const bool two = N - j >= 2 * W;
     for (int64_t i = 0; i < M; i += MR) {
       const float* a = TA ? A + i : A + i * lda;
       float* c = C + i * ldc + j;
@@ -194,33 +216,33 @@ void pack_rows(const float* x, const Dims& d, float* xp) {
 
 // Row i of s (Skv_pad wide): p = softmax(scale * s) in place, zero past Skv; returns the log-sum-exp.
 float softmax_row(float* s, const Dims& d, float scale) {
-  const int64_t full = d.Skv / 16 * 16;
-  v16 mv = splat(-INFINITY);
-  for (int64_t j = 0; j < full; j += 16) {
-    const v16 x = load(s + j);
+  const int64_t full = d.Skv / W * W;
+  vf mv = splat(-INFINITY);
+  for (int64_t j = 0; j < full; j += W) {
+    const vf x = load(s + j);
     mv = x > mv ? x : mv;
   }
   float m = hmax(mv);
   for (int64_t j = full; j < d.Skv; ++j) m = std::max(m, s[j]);
   const float shift = m * scale;
-  v16 sum{};
-  for (int64_t j = 0; j < full; j += 16) {
-    const v16 p = vexp(load(s + j) * scale - shift);
+  vf sum{};
+  for (int64_t j = 0; j < full; j += W) {
+    const vf p = vexp(load(s + j) * scale - shift);
     store(s + j, p);
     sum += p;
   }
   float l = hsum(sum);
   if (full < d.Skv) {
-    v16 x = splat(-87.0f);
+    vf x = splat(-87.0f);
     for (int64_t j = full; j < d.Skv; ++j) x[j - full] = s[j] * scale - shift;
-    const v16 p = vexp(x);
+    const vf p = vexp(x);
     for (int64_t j = full; j < d.Skv; ++j) {
       s[j] = p[j - full];
       l += p[j - full];
     }
   }
   const float inv = 1.0f / l;
-  for (int64_t j = 0; j < full; j += 16) store(s + j, load(s + j) * inv);
+  for (int64_t j = 0; j < full; j += W) store(s + j, load(s + j) * inv);
   for (int64_t j = full; j < d.Skv; ++j) s[j] *= inv;
   std::fill(s + d.Skv, s + d.Skv_pad, 0.0f);
   return shift + std::log(l);
@@ -304,12 +326,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         float* pr = p + i * d.Skv_pad;
         float* dr = ds + i * d.Skv_pad;
         const float shift = lp[bh * d.Sq + i0 + i];
-        v16 acc{};
-        for (int64_t c = 0; c < d.K; c += 16) acc += load(gb + i * d.q_row() + c) * load(ob + i * d.q_row() + c);
+        vf acc{};
+        for (int64_t c = 0; c < d.K; c += W) acc += load(gb + i * d.q_row() + c) * load(ob + i * d.q_row() + c);
         const float delta = hsum(acc);
         // p = exp(scale * s - lse); ds = scale * p * (dp - delta); both zero past Skv.
-        for (int64_t j = 0; j < d.Skv_pad; j += 16) {
-          const v16 pj = vexp(load(pr + j) * scale - shift);
+        for (int64_t j = 0; j < d.Skv_pad; j += W) {
+          const vf pj = vexp(load(pr + j) * scale - shift);
           store(pr + j, pj);
           store(dr + j, pj * (load(dr + j) - delta) * scale);
         }

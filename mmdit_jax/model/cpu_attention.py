@@ -7,7 +7,8 @@ per (batch, head), a block of query rows against every key, the softmax in place
 the backward recomputes the probabilities from the saved log-sum-exp (flash attention's maths, without the
 online rescaling: a block's logits row fits in cache at the sequence lengths a CPU trains).
 
-The kernel is compiled at first use for the machine at hand (`$CXX`, else g++ / c++, with -march=native)
+The kernel is compiled at first use for the machine at hand (`$CXX`, else g++ / c++ / clang++, with
+-march=native, or `$MMDIT_JAX_CPU_ARCH`: e.g. x86-64-v3 for AVX2 code)
 against the FFI headers jaxlib ships, and cached under `paths.cache_dir()/kernels`, keyed by the source,
 jaxlib's version, the compiler and the CPU's features, so a cache directory shared between machines never
 hands one a binary built for another. Without a compiler, `available()` is False (with one warning) and
@@ -34,7 +35,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 FORWARD, BACKWARD = "mmdit_cpu_attention_fwd", "mmdit_cpu_attention_bwd"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+ARCH_ENV = "MMDIT_JAX_CPU_ARCH"  # the -march the kernel is built for (default native: this machine's CPU)
 
 
 def _compiler() -> str | None:
@@ -60,7 +62,8 @@ def build(cache_root: str, compiler: str) -> str:
   import jaxlib
   source = epath.Path(_SOURCE).read_bytes()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-  key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), " ".join(_FLAGS).encode(),
+  flags = (*_FLAGS, f"-march={os.environ.get(ARCH_ENV) or 'native'}")
+  key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), " ".join(flags).encode(),
                                    "".join(version).encode(), _cpu_features().encode(),
                                    platform_lib.machine().encode()])).hexdigest()[:16]
   target = os.path.join(cache_root, f"cpu_attention-{key}.so")
@@ -70,7 +73,7 @@ def build(cache_root: str, compiler: str) -> str:
   fd, partial = tempfile.mkstemp(suffix=".so", dir=cache_root)
   os.close(fd)
   try:
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", partial]
+    cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", partial]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
       raise RuntimeError(f"building the CPU attention kernel failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")

@@ -13,6 +13,7 @@ from flax import nnx
 
 from mmdit_jax.model.layers import constrain_like_params
 
+
 def _with_kernel_residuals(policy):
   """`policy`, also saving the native CPU attention kernel's output and log-sum-exp (O(S) per head, like
   the matmul outputs saved): otherwise the backward runs that kernel's forward again (the kernel is one
