@@ -2,15 +2,15 @@
 // (dq, dk, dv), float32, on (B, S, H, K) arrays as the model holds them (no transposed copies).
 //
 // Why: XLA's CPU backend runs attention as YNNPACK fusions at 28-60 GFLOP/s on one core, the softmax inside
-// them, and needs head-major copies of q, k and v; torch's CPU SDPA kernel is about twice as fast
+// them, and needs head-major copies of q, k and v; torch's CPU SDPA kernel takes about 60 % of that time
 // (docs/performance.md). This kernel does what torch's does: per (batch, head), a block of query rows at a
 // time, the logits of the block against every key (a block x S_kv panel that stays in cache), the softmax
 // in place, then the product with v. The backward recomputes the probabilities from the saved log-sum-exp.
 //
 // The products are one register-blocked GEMM micro-kernel (8 rows x 2 vectors of accumulators with
 // AVX-512, 6 x 2 with AVX2), written with GCC's vector extensions at the machine's vector width and compiled
-// for the machine at hand (-march=native), so the same source gives AVX-512, AVX2 or NEON code. Work is split over (batch, head[, query chunk]) tasks on XLA's intra-op
-// thread pool.
+// for the machine at hand (-march=native), so the same source gives AVX-512, AVX2 or NEON code. Work is
+// split over (batch, head[, query chunk]) tasks on XLA's intra-op thread pool.
 //
 // Built at first use by mmdit_jax/model/cpu_attention.py (g++ or clang++, cached by source hash and CPU).
 

@@ -1,8 +1,8 @@
 """Attention on the CPU through a native kernel (`cpu_attention.cc`), called as an XLA FFI custom call.
 
 XLA's CPU backend runs attention's two batched products and the softmax between them as YNNPACK fusions at
-28-60 GFLOP/s on one core and needs head-major copies of q, k and v; torch's CPU SDPA kernel takes half the
-time (docs/performance.md). The kernel here works blockwise on the (B, S, H, K) arrays the model holds:
+28-60 GFLOP/s on one core and needs head-major copies of q, k and v; torch's CPU SDPA kernel takes about
+60 % of its time (docs/performance.md). The kernel here works blockwise on the (B, S, H, K) arrays the model holds:
 per (batch, head), a block of query rows against every key, the softmax in place, then the product with v;
 the backward recomputes the probabilities from the saved log-sum-exp (flash attention's maths, without the
 online rescaling: a block's logits row fits in cache at the sequence lengths a CPU trains).
@@ -50,7 +50,8 @@ def _cpu_features() -> str:
   """What -march=native compiles for: the CPU's model and feature flags."""
   try:
     lines = epath.Path("/proc/cpuinfo").read_text().splitlines()
-    return "\n".join(sorted({line for line in lines if line.startswith(("flags", "model name", "Features", "CPU part"))}))
+    keys = ("flags", "model name", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
   except OSError:
     return platform_lib.processor()
 
@@ -88,18 +89,21 @@ def build(cache_root: str, compiler: str) -> str:
 def library() -> str | None:
   """Builds (or finds) the kernel and registers its two FFI targets with XLA's CPU platform; the shared
   library's path, or None (with one warning) where it cannot be built."""
-  from mmdit_jax.paths import cache_dir
+  from mmdit_jax import paths
   compiler = _compiler()
   if compiler is None:
-    logging.warning("no C++ compiler ($CXX, g++, c++, clang++): attention 'auto' uses XLA's einsums on the CPU "
-                    "(about twice slower there; docs/performance.md)")
+    logging.warning("no C++ compiler ($CXX, g++, c++, clang++): attention 'cpu' and 'auto' use XLA's einsums on "
+                    "the CPU, which are slower (docs/performance.md)")
     return None
   try:
-    path = build(os.path.join(str(cache_dir()), "kernels"), compiler)
+    root = paths.cache_dir()  # a shared library is loaded from a local file: a gs:// cache builds in /tmp
+    root = os.path.join(tempfile.gettempdir(), "mmdit_jax") if paths.is_remote(root) else str(root)
+    path = build(os.path.join(root, "kernels"), compiler)
+    lib = ctypes.cdll.LoadLibrary(path)
   except (OSError, RuntimeError) as e:
-    logging.warning("the CPU attention kernel is not available, attention 'auto' uses XLA's einsums: %s", e)
+    logging.warning("the CPU attention kernel is not available, attention 'cpu' and 'auto' use XLA's einsums: %s",
+                    e)
     return None
-  lib = ctypes.cdll.LoadLibrary(path)
   jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.MmditCpuAttentionForward), platform="cpu")
   jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.MmditCpuAttentionBackward), platform="cpu")
   return path
