@@ -161,10 +161,11 @@ def main():
     for _ in range(3):
       jax_step()
     jax.profiler.stop_trace()
+    hlo = compiled.as_text()
     with open(os.path.join(args.profile, "step.hlo.txt"), "w") as f:
-      f.write(compiled.as_text())
+      f.write(hlo)
     print(f"profile: {args.profile} (tensorboard --logdir {args.profile}, Profile tab)")
-    _print_breakdown(args.profile, steps=3, thunks=_thunks(compiled.as_text()))
+    _print_breakdown(args.profile, steps=3, thunks=_thunks(hlo))
     _print_torch_breakdown(torch_step, steps=3)
 
 

@@ -186,6 +186,9 @@ constexpr int64_t kBlockQ = 64;
 struct Dims {
   int64_t B, Sq, Skv, H, K, Skv_pad;
   int64_t q_row() const { return H * K; }  // stride between consecutive tokens, in floats
+  // Offsets of (batch, head) bh's first token in q (and its outputs) and in k, v.
+  int64_t q_offset(int64_t bh) const { return bh / H * Sq * q_row() + bh % H * K; }
+  int64_t kv_offset(int64_t bh) const { return bh / H * Skv * q_row() + bh % H * K; }
 };
 
 // kt[K x Skv_pad] = x[b, :, h, :] transposed (zero columns past Skv), 16 tokens at a time: each write is
@@ -279,10 +282,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
   parallel_for(pool, heads * chunks, [&](int64_t task) {
-    const int64_t bh = task / chunks, b = bh / d.H, h = bh % d.H;
+    const int64_t bh = task / chunks;
     const int64_t q0 = task % chunks * per_chunk, q1 = std::min(d.Sq, q0 + per_chunk);
     if (q0 >= q1) return;
-    const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
+    const int64_t base_q = d.q_offset(bh), base_kv = d.kv_offset(bh);
     float *kt = scratch(0, d.K * d.Skv_pad), *vr = scratch(1, d.Skv_pad * d.K), *s = scratch(2, kBlockQ * d.Skv_pad);
     pack_transposed(kp + base_kv, d, kt);
     pack_rows(vp + base_kv, d, vr);
@@ -307,8 +310,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
               *lp = lse.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
-    const int64_t b = bh / d.H, h = bh % d.H;
-    const int64_t base_q = b * d.Sq * d.q_row() + h * d.K, base_kv = b * d.Skv * d.q_row() + h * d.K;
+    const int64_t base_q = d.q_offset(bh), base_kv = d.kv_offset(bh);
     float *kt = scratch(0, d.K * d.Skv_pad), *vt = scratch(1, d.K * d.Skv_pad), *kr = scratch(2, d.Skv_pad * d.K);
     float *dk_acc = scratch(3, d.Skv_pad * d.K), *dv_acc = scratch(4, d.Skv_pad * d.K);
     float *p = scratch(5, kBlockQ * d.Skv_pad), *ds = scratch(6, kBlockQ * d.Skv_pad);

@@ -40,10 +40,8 @@ ARCH_ENV = "MMDIT_JAX_CPU_ARCH"  # the -march the kernel is built for (default n
 
 
 def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
+  found = (shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+  return next((path for path in found if path), None)
 
 
 def _cpu_features() -> str:

@@ -201,11 +201,12 @@ def score_run(c, run: Run, study_dir, selection: dict) -> dict:
     val_set = inputs.evaluation_set(cfg, inputs.dataset_paths(cfg, announce=False)[1])
     autoencoder = autoencoder_for(cfg, mesh)
     evaluators = {}
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):  # (the same for every step)
+      abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     try:
       for step in sorted({j[0] for j in todo}):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(cfg.sharding_rules):
-          abstract, shardings = state_shardings(cfg.model, tx, mesh, cfg.sharding_rules)
           state, _ = ckpt.restore(step, abstract, shardings, keys=WEIGHTS)  # (not the optimizer's moments)
         for _, setting, path in [j for j in todo if j[0] == step]:
           if setting not in evaluators:
